@@ -1,0 +1,1 @@
+"""Hot loops of the project, each with a Triton kernel for CUDA and a plain-torch path for everywhere else."""
