@@ -188,7 +188,8 @@ class PosConvLayer(nn.Module):
             self.bias.data.copy_(conv.bias.detach())
 
     def forward(self, x):  # B x C x T
-        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(0, 1), keepdim=True) if self.weight_norm \
+        # v * (g / ||v||): autograd then keeps only the K gains, not a second full-size weight
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True)) if self.weight_norm \
             else self.weight
         y = F.conv1d(x, w, self.bias, padding=self.kernel // 2, groups=self.groups)
         if self.kernel % 2 == 0:  # SamePad: an even kernel with padding k/2 gives T+1 outputs
@@ -373,7 +374,7 @@ def span_mask(shape, mask_prob, mask_length, min_masks=2, lengths=None, same_cou
               device=None):
     """B x T bool mask of spans, with the reference semantics (spec pretrain.md §2):
     per row, num_spans = max(min_masks, floor(mask_prob * T_valid / mask_length + U[0,1))); starts are distinct,
-    uniform in [0, T_valid - mask_length) (shrunk to [0, T_valid - num_spans - 1) when the row is too short);
+    uniform in [0, T_valid - mask_length) (in [0, num_spans + 1) when that range is not larger than num_spans);
     each start covers mask_length frames; overlaps are allowed; frames past T_valid are never masked.
     same_count=True (fairseq's require_same_masks): every row is randomly thinned, frame by frame, to the batch's
     smallest masked count. same_count=False: the per-row mode for padded batches (no thinning, so a short clip
@@ -385,8 +386,7 @@ def span_mask(shape, mask_prob, mask_length, min_masks=2, lengths=None, same_cou
     sz = torch.full((B,), T, device=device, dtype=torch.long) if lengths is None else lengths.to(device).long()
     num = torch.floor(mask_prob * sz.float() / mask_length + rand(B)).long().clamp_min(min_masks)
     span_range = sz - mask_length
-    span_range = torch.where(span_range <= num, sz - num - 1, span_range).clamp_min(1)
-    num = torch.minimum(num, span_range)
+    span_range = torch.where(span_range <= num, num + 1, span_range)  # fairseq: min_len <- sz - num - 1
     starts = _distinct_uniform(span_range, num, rand)  # B x k, -1 = unused
     # frame t is masked when a start lies in (t - mask_length, t]: a running count of starts, differenced
     marks = torch.zeros(B, T + 1, dtype=torch.long, device=device)
