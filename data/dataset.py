@@ -1,0 +1,297 @@
+"""The pre-training data pipeline: manifest -> random crops (+ k-means labels) -> batches.
+
+fairseq's behaviour is the reference (spec/pretrain.md §1.3, §4.2): clips shorter than min_sample_size are dropped,
+every clip of a batch is cropped to the shortest one at a random offset (no padding), and HuBERT labels are cropped
+in step with the audio. What we add: the crop offset is a pure function of (seed, epoch, index), so a run is
+reproducible whatever the number of workers; only the cropped part of a file is decoded; the batch sampler can skip
+the batches a resumed run already consumed in the current epoch.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.audio import SAMPLE_RATE, AudioError, load_audio
+from data.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class LabelError(ValueError):
+    """A .km label file does not match its manifest; the message names the file and the 1-based line."""
+
+
+def load_labels(km_path, manifest_entries, label_rate, tolerance_seconds=0.1):
+    """Read a fairseq .km file (one line per manifest entry, space-separated cluster ids at `label_rate` Hz).
+
+    Returns a list of int arrays (uint16 when every id < 65536) aligned with manifest_entries. Stops with a
+    LabelError when the line count differs from the manifest or a line's length differs from
+    num_samples * label_rate / 16000 by more than tolerance_seconds (fairseq only warns; a misaligned label
+    file silently trains on wrong targets, so here it is an error).
+    """
+    tol = tolerance_seconds * label_rate
+    labels = []
+    with open(km_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if lineno > len(manifest_entries):
+                raise LabelError(f"{km_path}:{lineno}: more label lines than the {len(manifest_entries)} "
+                                 f"manifest entries")
+            try:
+                ids = np.array(line.split(), dtype=np.int64)
+            except ValueError:
+                raise LabelError(f"{km_path}:{lineno}: labels must be space-separated integers, found "
+                                 f"{line[:60]!r}") from None
+            if len(ids) and ids.min() < 0:
+                raise LabelError(f"{km_path}:{lineno}: negative label {ids.min()}")
+            rel, num_samples = manifest_entries[lineno - 1]
+            expected = num_samples * label_rate / SAMPLE_RATE
+            if abs(len(ids) - expected) > tol:
+                raise LabelError(f"{km_path}:{lineno}: {len(ids)} labels for {rel} but its {num_samples} samples at "
+                                 f"{label_rate} Hz need {expected:.1f} (tolerance {tolerance_seconds} s); is "
+                                 f"label_rate right and was the .km made from this manifest?")
+            labels.append(ids.astype(np.uint16) if len(ids) == 0 or ids.max() < 65536 else ids)
+    if len(labels) != len(manifest_entries):
+        raise LabelError(f"{km_path}: {len(labels)} label lines but the manifest has {len(manifest_entries)} entries")
+    return labels
+
+
+def crop_labels(labels, offset, num_samples, label_rate):
+    """Labels covering audio samples [offset, offset + num_samples), as fairseq's HubertDataset.collater_frm_label:
+    start round(offset * rate / 16k), length round(num_samples * rate / 16k), clipped to what remains."""
+    start = int(round(offset * label_rate / SAMPLE_RATE))
+    length = int(round(num_samples * label_rate / SAMPLE_RATE))
+    return labels[start:start + length]
+
+
+class AudioClips(Dataset):
+    """Clips of a manifest, each randomly cropped to at most crop_seconds.
+
+    item = (index, waveform float32 tensor, crop offset in samples, label int64 tensor or None); the labels are
+    fairseq's crop for the waveform plus up to 2 spare labels that collate_crop / collate_pad cut off
+    manifest: a .tsv path or a (root, entries) pair. labels: a .km path or a list from load_labels (aligned with
+    the full manifest). crop_seconds=None returns whole clips. Call set_epoch(e) before each epoch (before the
+    DataLoader starts its workers: make_loader does not keep workers alive between epochs, so they see it).
+    """
+
+    def __init__(self, manifest, crop_seconds, min_seconds=2.0, labels=None, label_rate=None, skip_bad_audio=False,
+                 seed=0):
+        is_path = isinstance(manifest, (str, os.PathLike))
+        root, entries = read_manifest(manifest) if is_path else manifest
+        self.name = str(manifest) if is_path else root
+        if labels is not None:
+            if not label_rate:
+                raise ValueError("labels given without label_rate (Hz: 100 for MFCC k-means, 50 for HuBERT features)")
+            if isinstance(labels, (str, os.PathLike)):
+                labels = load_labels(labels, entries, label_rate)
+            elif len(labels) != len(entries):
+                raise ValueError(f"{len(labels)} label sequences for {len(entries)} manifest entries")
+        min_samples = int(round(min_seconds * SAMPLE_RATE))
+        keep = [i for i, (_, n) in enumerate(entries) if n >= min_samples]
+        self.num_too_short = len(entries) - len(keep)
+        if self.num_too_short:
+            log.warning("%s: %d of %d clips are shorter than %.1f s and are left out", self.name,
+                        len(entries) - len(keep), len(entries), min_seconds)
+        if not keep:
+            raise ValueError(f"{self.name}: no clip is at least {min_seconds} s long")
+        self.root = root
+        self.paths = [entries[i][0] for i in keep]
+        self.num_samples = np.array([entries[i][1] for i in keep], dtype=np.int64)
+        self.labels = None if labels is None else [labels[i] for i in keep]
+        self.label_rate = label_rate
+        self.crop_samples = None if crop_seconds is None else int(round(crop_seconds * SAMPLE_RATE))
+        self.min_samples = min_samples
+        self.skip_bad_audio = skip_bad_audio
+        self.seed = seed
+        self.epoch = 0
+        self.num_bad = 0  # per process: each DataLoader worker counts its own
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def lengths(self):
+        """Length in samples of each item after the crop (for length-grouped batching)."""
+        return self.num_samples if self.crop_samples is None else np.minimum(self.num_samples, self.crop_samples)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def crop_offset(self, index):
+        n = int(self.num_samples[index])
+        if self.crop_samples is None or n <= self.crop_samples:
+            return 0
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return int(rng.integers(0, n - self.crop_samples + 1))
+
+    def _load(self, index):
+        offset = self.crop_offset(index)
+        wav = load_audio(os.path.join(self.root, self.paths[index]), start=offset, frames=self.crop_samples)
+        labels = None
+        if self.labels is not None:
+            # fairseq's crop of the labels, plus 2 spare labels past its end: the batch crop (collate_crop) takes
+            # round((offset + s) * r) ... and rounding twice can run up to 2 labels past round(offset * r) +
+            # round(len * r); with the spares its result equals fairseq's single crop exactly. The collate
+            # functions cut the spares off.
+            start = int(round(offset * self.label_rate / SAMPLE_RATE))
+            length = int(round(len(wav) * self.label_rate / SAMPLE_RATE)) + 2
+            labels = torch.from_numpy(self.labels[index][start:start + length].astype(np.int64))
+        return index, torch.from_numpy(wav), offset, labels
+
+    def __getitem__(self, index):
+        if not self.skip_bad_audio:
+            return self._load(index)
+        original = index
+        for attempt in range(10):
+            try:
+                return self._load(index)
+            except AudioError as e:
+                self.num_bad += 1
+                # a replacement that depends only on (seed, epoch, index, attempt): reproducible across workers
+                index = int(np.random.default_rng([self.seed, self.epoch, original, attempt + 1]).integers(len(self)))
+                log.warning("skipping bad audio (%d so far in this process): %s; using item %d instead",
+                            self.num_bad, e, index)
+        path = os.path.join(self.root, self.paths[original])
+        raise AudioError(f"{path}: it and 10 replacement clips failed to load (see the warnings above)")
+
+
+def _stack_labels(labels):
+    if labels[0] is None:
+        return None
+    # -1 marks label positions with no label (pretrain losses ignore it, like fairseq's pad index)
+    out = torch.full((len(labels), max(len(x) for x in labels)), -1, dtype=torch.int64)
+    for i, x in enumerate(labels):
+        out[i, :len(x)] = x
+    return out
+
+
+def collate_crop(items, label_rate=None):
+    """fairseq's pre-training batching: every clip is cropped to the shortest clip of the batch, no padding.
+
+    The offset inside each clip is random but a pure function of the item (its index and its own crop offset,
+    which depends on seed and epoch), so results do not depend on worker scheduling. "offset" is the absolute
+    start of each row in its file. With labels, label_rate (Hz) is needed to crop them in step; make_loader
+    passes the dataset's.
+    -> {"wav": B x N float32, "lengths": None, "labels": B x L int64 (-1 = no label) or None, "index": B,
+        "offset": B}
+    """
+    size = min(len(it[1]) for it in items)
+    wavs, labels, offsets = [], [], []
+    for index, wav, offset, lab in items:
+        extra = len(wav) - size
+        s = 0 if extra == 0 else int(np.random.default_rng([index, offset, size]).integers(0, extra + 1))
+        wavs.append(wav[s:s + size])
+        offsets.append(offset + s)
+        if lab is not None:
+            if not label_rate:
+                raise ValueError("collate_crop: items have labels; pass label_rate (make_loader does)")
+            # The item's labels start at round(offset * r); taking them from round((offset + s) * r) equals
+            # cropping the file's labels at offset + s directly, as fairseq does (no double rounding).
+            r = label_rate / SAMPLE_RATE
+            start = int(round((offset + s) * r)) - int(round(offset * r))
+            lab = lab[start:start + int(round(size * r))]
+        labels.append(lab)
+    return {"wav": torch.stack(wavs), "lengths": None, "labels": _stack_labels(labels),
+            "index": torch.tensor([it[0] for it in items], dtype=torch.int64),
+            "offset": torch.tensor(offsets, dtype=torch.int64)}
+
+
+def collate_pad(items, label_rate=None):
+    """Whole items, zero-padded to the longest; "lengths" holds the valid samples, labels are padded with -1.
+    With labels, label_rate (Hz) is needed to cut them to round(length * rate / 16k); make_loader passes it."""
+    lengths = torch.tensor([len(it[1]) for it in items], dtype=torch.int64)
+    wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
+    labels = []
+    for i, (_, w, _, lab) in enumerate(items):
+        wav[i, :len(w)] = w
+        if lab is not None:
+            if not label_rate:
+                raise ValueError("collate_pad: items have labels; pass label_rate (make_loader does)")
+            lab = lab[:int(round(len(w) * label_rate / SAMPLE_RATE))]
+        labels.append(lab)
+    return {"wav": wav, "lengths": lengths, "labels": _stack_labels(labels),
+            "index": torch.tensor([it[0] for it in items], dtype=torch.int64),
+            "offset": torch.tensor([it[2] for it in items], dtype=torch.int64)}
+
+
+class ClipBatchSampler(Sampler):
+    """Batches of dataset indices for one rank; the same (seed, epoch) gives the same batches on every run.
+
+    num_items_or_lengths: the dataset size, or per-item lengths (e.g. AudioClips.lengths) for group_by_length,
+    which puts clips of similar length in a batch (fairseq sorts by length for the same reason: collate_crop cuts
+    every clip to the shortest, so mixed lengths waste audio) and shuffles the order of the batches.
+    Every rank gets the same number of batches: with drop_last the tail that does not fill a batch on every rank
+    is dropped (ranks are disjoint); without it, batches from the start of the epoch are repeated to fill.
+    Exact resume: set_epoch(epoch, start_batch=k) skips the first k batches of this rank in that epoch.
+    """
+
+    def __init__(self, num_items_or_lengths, batch_size, num_replicas=1, rank=0, seed=0, shuffle=True,
+                 drop_last=True, group_by_length=False):
+        if np.ndim(num_items_or_lengths) == 0:
+            self.num_items, self.item_lengths = int(num_items_or_lengths), None
+        else:
+            self.item_lengths = np.asarray(num_items_or_lengths)
+            self.num_items = len(self.item_lengths)
+        if group_by_length and self.item_lengths is None:
+            raise ValueError("group_by_length needs per-item lengths, not just a count")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
+        self.seed, self.shuffle, self.drop_last, self.group_by_length = seed, shuffle, drop_last, group_by_length
+        self.epoch, self.start_batch = 0, 0
+        if self.batches_per_rank() == 0:
+            raise ValueError(f"{self.num_items} items cannot fill one batch of {batch_size} on each of "
+                             f"{num_replicas} ranks")
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_rank(self):
+        n_batches = self.num_items // self.batch_size if self.drop_last else math.ceil(self.num_items / self.batch_size)
+        return n_batches // self.num_replicas if self.drop_last else math.ceil(n_batches / self.num_replicas)
+
+    def _all_batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.num_items) if self.shuffle else np.arange(self.num_items)
+        if self.group_by_length:
+            order = order[np.argsort(self.item_lengths[order], kind="stable")]  # random order among equal lengths
+        batches = [order[i:i + self.batch_size] for i in range(0, self.num_items, self.batch_size)]
+        if self.drop_last and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        batches = self._all_batches()
+        per_rank = self.batches_per_rank()
+        needed = per_rank * self.num_replicas
+        batches = (batches * math.ceil(needed / len(batches)))[:needed]
+        for b in batches[self.rank::self.num_replicas][self.start_batch:]:
+            yield b.tolist()
+
+    def __len__(self):
+        return max(0, self.batches_per_rank() - self.start_batch)
+
+
+def _seed_worker(seed, worker_id):
+    # torch already gives each worker its own seed (base seed from the loader's generator + worker_id);
+    # numpy and random are derived from it so any augmentation drawn there differs per worker, reproducibly
+    import random
+    s = (torch.initial_seed() + seed) % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(dataset, sampler, collate=collate_crop, num_workers=4, seed=0):
+    """DataLoader over `sampler`'s batches. Workers are restarted every epoch (not persistent) so they see the
+    dataset's current epoch; with labels, the dataset's label_rate is bound into the collate function."""
+    import functools
+    if getattr(dataset, "labels", None) is not None:
+        collate = functools.partial(collate, label_rate=dataset.label_rate)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      worker_init_fn=functools.partial(_seed_worker, seed) if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if num_workers > 0 else None)
