@@ -1,0 +1,335 @@
+"""Readers for the downstream (probing) data sets, as they are distributed.
+
+Each reader takes the folder a user unpacked the data set into and returns a list of `Clip`s: the audio file, the
+split it belongs to and its label, reproducing the splits and label derivations of the MARBLE v1 benchmark (the code
+behind the Music2Vec / MusicHuBERT probing numbers). Nothing is converted on disk: where MARBLE runs a preprocess
+script first (MTT, EMO, VocalSet) the same derivation happens here in memory.
+
+A missing folder or metadata file raises DataSetError with one line: what was expected where, and where the data
+set is published. The benchmark's published split lists ship in data/splits/.
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
+
+
+class DataSetError(Exception):
+    """The data set on disk is not laid out as distributed; str(err) names the path and what was expected."""
+
+
+@dataclass
+class Clip:
+    key: str  # path relative to the data root: the clip's name in results and in the feature cache
+    path: str  # absolute audio path
+    split: str  # train | valid | test
+    label: Any  # int (multiclass) or float32 vector (multilabel, regression)
+
+
+def _need(path, what, source):
+    if not os.path.exists(path):
+        raise DataSetError(f"{path}: not found; expected {what}. The data set is published at {source}")
+    return path
+
+
+def _clip(root, rel, split, label):
+    return Clip(rel, os.path.join(root, rel), split, label)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NSynth (Engel et al. 2017): nsynth-{train,valid,test}/examples.json + audio/<note_str>.wav, the official split.
+
+NSYNTH_SOURCE = "https://magenta.tensorflow.org/datasets/nsynth (nsynth-{train,valid,test}.jsonwav.tar.gz)"
+NSYNTH_FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
+                   "synth_lead", "vocal"]
+
+
+def read_nsynth(root, target):
+    """target: "instrument" (11 families, MARBLE's order) or "pitch" (MIDI pitch 0..127 as the class).
+    MARBLE uses pitch - 1 as the class; the shift changes no accuracy and would make MIDI 0 negative, so we don't."""
+    clips = []
+    for split in ("train", "valid", "test"):
+        folder = os.path.join(root, f"nsynth-{split}")
+        meta_path = _need(os.path.join(folder, "examples.json"), f"NSynth's nsynth-{split}/examples.json",
+                          NSYNTH_SOURCE)
+        with open(meta_path) as f:
+            try:
+                examples = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataSetError(f"{meta_path}: not valid JSON ({e})") from None
+        for note_str in sorted(examples):
+            ex = examples[note_str]
+            where = f"{meta_path}: entry {note_str!r}"
+            if target == "instrument":
+                family = ex.get("instrument_family_str")
+                if family not in NSYNTH_FAMILIES:
+                    raise DataSetError(f"{where}: instrument_family_str {family!r} is not one of {NSYNTH_FAMILIES}")
+                label = NSYNTH_FAMILIES.index(family)
+            else:
+                pitch = ex.get("pitch")
+                if not isinstance(pitch, int) or not 0 <= pitch <= 127:
+                    raise DataSetError(f"{where}: pitch {pitch!r} is not a MIDI number 0..127")
+                label = pitch
+            clips.append(_clip(root, f"nsynth-{split}/audio/{note_str}.wav", split, label))
+    return clips
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GTZAN genre (Tzanetakis & Cook 2002) with the fault-filtered, artist-disjoint split of Kereliuk, Sturm & Larsen
+# 2015 (lists from coreyker/dnn-mgr, identical to jongpillee/music_dataset_split/GTZAN_split).
+
+GTZAN_SOURCE = ("https://www.kaggle.com/datasets/andradaolteanu/gtzan-dataset-music-genre-classification "
+                "(Data/genres_original, renamed or linked as genres/)")
+GTZAN_GENRES = ["blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock"]
+GTZAN_CORRUPT = {"jazz/jazz.00054.wav"}  # unreadable in the Kaggle copy; MARBLE drops it from train (443 -> 442)
+
+
+def read_gtzan(root):
+    # the original tarball unpacks to genres/; the Kaggle copy to Data/genres_original/
+    folders = [f for f in ("genres", "genres_original", "Data/genres_original") if os.path.isdir(os.path.join(root, f))]
+    genres = folders[0] if folders else _need(os.path.join(root, "genres"), "GTZAN's genres/<genre>/<genre>.000NN.wav"
+                                              " (or the Kaggle copy's Data/genres_original/)", GTZAN_SOURCE)
+    clips = []
+    for split in ("train", "valid", "test"):
+        list_path = os.path.join(SPLITS_DIR, "gtzan", f"{split}_filtered.txt")
+        with open(list_path) as f:
+            for line_no, line in enumerate(f, 1):
+                rel = line.strip()
+                if not rel or rel in GTZAN_CORRUPT:
+                    continue
+                genre = rel.split("/")[0]
+                if genre not in GTZAN_GENRES:
+                    raise DataSetError(f"{list_path}:{line_no}: genre {genre!r} is not one of {GTZAN_GENRES}")
+                clips.append(_clip(root, f"{genres}/{rel}", split, GTZAN_GENRES.index(genre)))
+    return clips
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# EMOMusic (Soleymani et al. 2013): clips_45seconds/<song_id>.mp3 + songs_info.csv + static_annotations.csv.
+# Split and targets as Jukemir (Castellon et al. 2021), which MARBLE copies.
+
+EMO_SOURCE = "https://cvml.unige.ch/databases/emoMusic/ (clips_45sec.tar.gz, annotations.tar.gz)"
+
+
+def _read_csv_rows(path):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    # the distributed CSVs have ", " separators in places: strip keys and values
+    return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+
+
+def _emo_annotation(root, name):
+    for folder in (root, os.path.join(root, "annotations")):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise DataSetError(f"{os.path.join(root, name)}: not found (nor under annotations/); expected EMOMusic's "
+                       f"{name} from annotations.tar.gz. The data set is published at {EMO_SOURCE}")
+
+
+def emo_artist_split(artist):
+    """Jukemir: the artist name reduced to lowercase ASCII letters and single spaces, sha1 mod 10: 8 of 10 buckets
+    go to train, 2 to valid, so one artist never spans both."""
+    name = "".join(c for c in artist.lower() if ord(c) < 128 and (c.isalpha() or c.isspace()))
+    name = " ".join(name.split())
+    bucket = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else "valid"
+
+
+def read_emo(root):
+    """Targets [arousal, valence] (the code's order), z-scored with the mean and population std of the MediaEval
+    "development" songs (train + valid together, before they are split), as Jukemir."""
+    _need(os.path.join(root, "clips_45seconds"), "EMOMusic's clips_45seconds/<song_id>.mp3", EMO_SOURCE)
+    info_path, static_path = _emo_annotation(root, "songs_info.csv"), _emo_annotation(root, "static_annotations.csv")
+    songs = {}
+    for line_no, row in enumerate(_read_csv_rows(info_path), 2):
+        try:
+            song_id = int(row["song_id"])
+            dev = row["Mediaeval 2013 set"] != "evaluation"
+            artist = row["Artist"]
+        except (KeyError, ValueError) as e:
+            raise DataSetError(f"{info_path}:{line_no}: needs song_id, Artist and 'Mediaeval 2013 set' ({e})") from None
+        songs[song_id] = {"split": emo_artist_split(artist) if dev else "test"}
+    for line_no, row in enumerate(_read_csv_rows(static_path), 2):
+        try:
+            song_id = int(row["song_id"])
+            y = [float(row["mean_arousal"]), float(row["mean_valence"])]
+        except (KeyError, ValueError) as e:
+            raise DataSetError(f"{static_path}:{line_no}: needs song_id, mean_arousal, mean_valence ({e})") from None
+        if song_id not in songs:
+            raise DataSetError(f"{static_path}:{line_no}: song_id {song_id} is not in {info_path}")
+        songs[song_id]["y"] = y
+    missing = [s for s, m in songs.items() if "y" not in m]
+    if missing:
+        raise DataSetError(f"{static_path}: no annotation for song_id {missing[0]} (and {len(missing) - 1} more)")
+    dev_y = np.array([m["y"] for m in songs.values() if m["split"] != "test"], dtype=np.float64)
+    mean, std = dev_y.mean(0), dev_y.std(0)  # np.std: population std, as Jukemir
+    return [_clip(root, f"clips_45seconds/{s}.mp3", m["split"], ((np.array(m["y"]) - mean) / std).astype(np.float32))
+            for s, m in sorted(songs.items())]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# VocalSet 1.1 (Wilkins et al. 2018): FULL/<singer>/<context>/<technique>/<file>.wav.
+# MARBLE (tasks/VocalSet/preprocess.py) flattens the 17 technique folders, fixes 28 file names, drops 5 files, cuts
+# 3 s chunks and splits with sklearn's GroupShuffleSplit under np.random.seed(42617), grouping by the file's index
+# inside its technique folder. We redo the same listing and the same random draws here (no files are written).
+
+VOCALSET_SOURCE = "https://zenodo.org/record/1203819 (VocalSet11.zip, unpacked so that FULL/ is under the root)"
+VOCALSET_SINGERS = [f"f{i}" for i in range(1, 10)] + [f"m{i}" for i in range(1, 12)]
+VOCALSET_TECHNIQUES = ["belt", "breathy", "inhaled", "lip_trill", "spoken", "straight", "trill", "trillo", "vibrato",
+                       "vocal_fry"]  # the 10 classes of the technique task (Yamamoto et al.), in MARBLE's order
+VOCALSET_ALL_FOLDERS = VOCALSET_TECHNIQUES + ["fast_forte", "fast_piano", "forte", "messa", "pp", "slow_forte",
+                                              "slow_piano"]
+VOCALSET_TEST_SINGERS = {"f2", "f8", "m3", "m5", "m10"}  # technique task only
+# MARBLE's name fixes (technique folder, name as shipped -> name with the singer prefix) and deletions.
+VOCALSET_RENAMES = {
+    ("lip_trill", "lip_trill_arps.wav"): "f2_lip_trill_arps.wav",
+    ("lip_trill", "scales_lip_trill.wav"): "m3_scales_lip_trill.wav",
+    ("straight", "row_straight.wav"): "m8_row_straight.wav",
+    ("vocal_fry", "scales_vocal_fry.wav"): "f2_scales_vocal_fry.wav",
+    ("fast_forte", "arps_fast_piano_c.wav"): "f9_arps_fast_piano_c.wav",
+    ("fast_piano", "fast_piano_arps_f.wav"): "f2_fast_piano_arps_f.wav",
+    ("fast_piano", "arps_c_fast_piano.wav"): "m3_arps_c_fast_piano.wav",
+    ("fast_piano", "scales_fast_piano_f.wav"): "f3_scales_fast_piano_f.wav",
+    **{("straight", f"{kind}_straight_{v}.wav"): f"f4_{kind}_straight_{v}.wav"
+       for kind in ("arpeggios", "scales") for v in "aeiou"},
+    **{("fast_piano", f"scales_{k}_fast_piano_{v}.wav"): f"m10_scales_{k}_fast_piano_{v}.wav"
+       for k in "cf" for v in "aeiou"},
+}
+VOCALSET_DELETED = {("vibrato", n) for n in ("f2_scales_vibrato_a(1).wav", "caro_vibrato.wav", "dona_vibrato.wav",
+                                             "row_vibrato.wav", "slow_vibrato_arps.wav")}
+VOCALSET_SEED = 42617
+VOCALSET_CHUNK_SECONDS = 3.0
+
+
+def group_shuffle_split(groups, test_size, rng):
+    """sklearn.model_selection.GroupShuffleSplit(n_splits=1, test_size).split(groups=groups) drawing from `rng`:
+    a permutation of the sorted unique groups; the first ceil(test_size * n) are test. Returns (train, test) row
+    indices. Written out so the draw sequence is visible and sklearn is not needed at run time."""
+    classes, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
+    n_test = math.ceil(test_size * len(classes))
+    perm = rng.permutation(len(classes))
+    test_groups, train_groups = perm[:n_test], perm[n_test:]
+    return np.flatnonzero(np.isin(group_of_row, train_groups)), np.flatnonzero(np.isin(group_of_row, test_groups))
+
+
+def vocalset_files(root):
+    """MARBLE's flattened listing: (technique folder, corrected name, singer, file_id, relative path), where file_id
+    is the index of the corrected name in its sorted technique folder."""
+    full = _need(os.path.join(root, "FULL"), "VocalSet's FULL/<singer>/<context>/<technique>/<file>.wav",
+                 VOCALSET_SOURCE)
+    by_folder = {}
+    for singer in sorted(os.listdir(full)):
+        singer_dir = os.path.join(full, singer)
+        if not os.path.isdir(singer_dir):
+            continue
+        for context in sorted(os.listdir(singer_dir)):
+            context_dir = os.path.join(singer_dir, context)
+            if not os.path.isdir(context_dir):
+                continue
+            for tech in sorted(os.listdir(context_dir)):
+                tech_dir = os.path.join(context_dir, tech)
+                if tech not in VOCALSET_ALL_FOLDERS or not os.path.isdir(tech_dir):
+                    continue
+                for name in sorted(os.listdir(tech_dir)):
+                    if name in ("", ".DS_Store") or (tech, name) in VOCALSET_DELETED:
+                        continue
+                    fixed = VOCALSET_RENAMES.get((tech, name), name)
+                    rel = f"FULL/{singer}/{context}/{tech}/{name}"
+                    by_folder.setdefault(tech, []).append((fixed, singer, rel))
+    if not by_folder:
+        raise DataSetError(f"{full}: no <singer>/<context>/<technique>/*.wav files found. The data set is published "
+                           f"at {VOCALSET_SOURCE}")
+    rows = []
+    for tech in sorted(by_folder):
+        for file_id, (fixed, folder_singer, rel) in enumerate(sorted(by_folder[tech])):
+            prefix = fixed.split("_")[0]
+            # MARBLE takes the singer from the (corrected) name prefix; the folder says the same for every file we
+            # know of, and is the fallback if a name has no prefix
+            singer = prefix if prefix in VOCALSET_SINGERS else folder_singer
+            rows.append((tech, fixed, singer, file_id, rel))
+    return rows
+
+
+def _vocalset_has_chunk(root, rel):
+    """MARBLE keeps a file only if it yields at least one full 3 s chunk (remainders are dropped)."""
+    import soundfile as sf
+    try:
+        info = sf.info(os.path.join(root, rel))
+    except Exception:
+        return True  # unreadable: let extraction report it with its path
+    return info.frames > VOCALSET_CHUNK_SECONDS * info.samplerate
+
+
+def read_vocalset(root, target):
+    """target: "technique" (10 classes; test singers f2 f8 m3 m5 m10; train/valid by a 0.6/0.4 group split of the
+    rest) or "singer" (20 classes over all 17 technique folders; group split 0.2 test, then 0.4 of the rest valid).
+    Both splits come from one random stream seeded 42617, drawn in MARBLE's order (technique first)."""
+    rows = [r for r in vocalset_files(root) if _vocalset_has_chunk(root, r[4])]
+    rng = np.random.RandomState(VOCALSET_SEED)
+    tech_rows = [r for r in rows if r[0] in VOCALSET_TECHNIQUES]
+    train_val = [r for r in tech_rows if r[2] not in VOCALSET_TEST_SINGERS]
+    tr, va = group_shuffle_split([r[3] for r in train_val], 0.4, rng)
+    tech_split = {train_val[i][4]: "train" for i in tr}
+    tech_split.update({train_val[i][4]: "valid" for i in va})
+    tech_split.update({r[4]: "test" for r in tech_rows if r[2] in VOCALSET_TEST_SINGERS})
+    if target == "technique":
+        return [_clip(root, r[4], tech_split[r[4]], VOCALSET_TECHNIQUES.index(r[0])) for r in tech_rows]
+    trv, te = group_shuffle_split([r[3] for r in rows], 0.2, rng)
+    rest = [rows[i] for i in trv]
+    tr, va = group_shuffle_split([r[3] for r in rest], 0.4, rng)
+    singer_split = {rows[i][4]: "test" for i in te}
+    singer_split.update({rest[i][4]: "train" for i in tr})
+    singer_split.update({rest[i][4]: "valid" for i in va})
+    return [_clip(root, r[4], singer_split[r[4]], VOCALSET_SINGERS.index(r[2])) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MagnaTagATune (Law et al. 2009): mp3/<hex>/<name>.mp3 + annotations_final.csv (tab-separated).
+# MARBLE (tasks/MTT/preprocess.py): the 50 most frequent of the 188 tags; split by the first hex digit of the path,
+# 0-b train, c valid, d-f test (the "12:1:3" split, untagged clips kept).
+
+MTT_SOURCE = "https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset (mp3.zip.001-003, annotations_final.csv)"
+
+
+def read_mtt(root, num_tags=50):
+    csv_path = _need(os.path.join(root, "annotations_final.csv"), "MagnaTagATune's annotations_final.csv",
+                     MTT_SOURCE)
+    audio_dir = os.path.join(root, "mp3")
+    _need(audio_dir, "MagnaTagATune's mp3/<0-9a-f>/<name>.mp3 (the unzipped mp3.zip.00x parts)", MTT_SOURCE)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header = rows[0] if rows else []
+    if len(header) < 3 or header[0] != "clip_id" or header[-1] != "mp3_path":
+        raise DataSetError(f"{csv_path}:1: expected a tab-separated header clip_id, <tags>, mp3_path; "
+                           f"found {header[:2]}...{header[-1:]}")
+    tags = header[1:-1]
+    paths, values = [], []
+    for line_no, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise DataSetError(f"{csv_path}:{line_no}: {len(row)} columns, the header has {len(header)}")
+        try:
+            values.append([int(v) for v in row[1:-1]])
+        except ValueError:
+            raise DataSetError(f"{csv_path}:{line_no}: tag columns must be 0/1") from None
+        paths.append(row[-1])
+    values = np.array(values, dtype=np.int64).reshape(len(paths), len(tags))
+    # MARBLE sorts counts with np.argsort (not stable) and reverses; we break ties by column order
+    top = np.argsort(-values.sum(0), kind="stable")[:num_tags]
+    labels = values[:, top].astype(np.float32)
+    clips = []
+    for path, y in zip(paths, labels):
+        first = int(path[0], 16)
+        split = "train" if first < 12 else "valid" if first < 13 else "test"
+        clips.append(_clip(root, f"mp3/{path}", split, y))
+    return clips
+
+
+SOURCES = {"nsynth": NSYNTH_SOURCE, "gtzan": GTZAN_SOURCE, "emo": EMO_SOURCE, "vocalset": VOCALSET_SOURCE,
+           "mtt": MTT_SOURCE}

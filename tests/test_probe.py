@@ -1,0 +1,480 @@
+"""probe.py: metrics against hand-computed values, the batched heads against torch's own optimiser, the sweep's
+choice of cell, and for each of the seven tasks a tiny fixture in the data set's real on-disk layout run end to end
+through the command line (extraction with a tiny random encoder -> training -> metrics -> results line)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import probe
+from data import downstream
+
+SR = 16000
+
+
+def tone(freq, seconds, sr, harmonics=1, seed=0):
+    """A harmonic tone with a little noise: distinct frequencies / harmonic counts give separable features even
+    through a random encoder."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = sum(np.sin(2 * np.pi * freq * k * t) / k for k in range(1, harmonics + 1))
+    x = x + 0.01 * np.random.default_rng(seed).standard_normal(len(t))
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+def run_cli(tmp_path, task, root, *extra):
+    results = tmp_path / "results.jsonl"
+    argv = ["--task", task, "--model", "random", "--model-config", "tiny", "--data-root", str(root),
+            "--cache-dir", str(tmp_path / "cache"), "--results", str(results), "--device", "cpu", *extra]
+    records = probe.main(argv)
+    lines = [json.loads(line) for line in open(results)]
+    return records[task, "random"], lines
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# metrics, each against a value worked out by hand
+
+def test_accuracy():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    assert probe.accuracy(scores, [0, 1, 1, 1]) == 0.75
+
+
+def test_macro_roc_auc_by_hand():
+    # label 0: positives score 0.9, 0.4; negatives 0.5, 0.1 -> pairs (0.9>0.5, 0.9>0.1, 0.4<0.5, 0.4>0.1) = 3/4
+    # label 1: positive 0.3; negatives 0.3 (tie = 1/2), 0.2, 0.8 -> (0.5 + 1 + 0) / 3 = 1/2
+    scores = np.array([[0.9, 0.3], [0.5, 0.3], [0.4, 0.2], [0.1, 0.8]])
+    y = np.array([[1, 1], [0, 0], [1, 0], [0, 0]])
+    assert probe.macro_roc_auc(scores, y) == pytest.approx((0.75 + 0.5) / 2)
+
+
+def test_macro_roc_auc_skips_labels_without_both_classes():
+    scores = np.array([[0.9, 0.3], [0.1, 0.2]])
+    y = np.array([[1, 1], [0, 1]])  # label 1 has no negatives: undefined, left out
+    assert probe.macro_roc_auc(scores, y) == 1.0
+
+
+def test_macro_average_precision_by_hand():
+    # label 0, ranked 0.9(+) 0.5(-) 0.4(+) 0.1(-): AP = 1/2 * 1 + 1/2 * 2/3 = 5/6
+    # label 1, ranked 0.8(-) 0.3(+) 0.3(-) 0.2(-): the tie is one threshold: precision 1/3 at recall 1 -> 1/3
+    scores = np.array([[0.9, 0.3], [0.5, 0.3], [0.4, 0.2], [0.1, 0.8]])
+    y = np.array([[1, 1], [0, 0], [1, 0], [0, 0]])
+    assert probe.macro_average_precision(scores, y) == pytest.approx((5 / 6 + 1 / 3) / 2)
+
+
+def test_metrics_match_sklearn_on_random_data():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 7)) < 0.3).astype(int)
+    scores = np.round(rng.random((200, 7)) + y * 0.3, 2)  # rounding makes ties
+    assert probe.macro_roc_auc(scores, y) == pytest.approx(sk.roc_auc_score(y, scores, average="macro"))
+    assert probe.macro_average_precision(scores, y) == pytest.approx(
+        sk.average_precision_score(y, scores, average="macro"))
+
+
+def test_r2_by_hand():
+    # dim 0: y = 1,2,3 (mean 2, SS_tot 2), pred 1,2,4 (SS_res 1) -> 0.5; dim 1: perfect -> 1
+    y = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 5.0]])
+    pred = np.array([[1.0, 0.0], [2.0, 1.0], [4.0, 5.0]])
+    r2 = probe.r2_per_dim(pred, y)
+    assert r2 == pytest.approx([0.5, 1.0])
+    m = probe.task_metrics("regression", pred, y, ("r2", "arousal_r2", "valence_r2"))
+    assert m == pytest.approx({"r2": 0.75, "arousal_r2": 0.5, "valence_r2": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the engine's pieces
+
+def test_windows_follow_marble():
+    task = probe.TASKS["gtzan_genre"]
+    wav = np.random.default_rng(0).standard_normal(int(61.5 * SR)).astype(np.float32) * 3 + 1
+    w = probe.clip_windows(wav, task)
+    assert [len(x) for x in w] == [30 * SR, 30 * SR, int(1.5 * SR)]  # last window >= 1 s is kept as it is
+    whole = np.concatenate(w)  # z-normalised over the whole clip, before cutting
+    assert abs(whole.mean()) < 1e-3 and abs(whole.std() - 1) < 1e-3
+    assert len(probe.clip_windows(wav[: int(60.5 * SR)], task)) == 2  # a 0.5 s remainder is dropped
+    vocal = probe.TASKS["vocalset_tech"]
+    w = probe.clip_windows(wav[: int(7.9 * SR)], vocal)
+    assert [len(x) for x in w] == [3 * SR, 3 * SR]  # VocalSet: 3 s chunks, remainder dropped, each normalised
+    assert all(abs(x.std() - 1) < 1e-3 for x in w)
+
+
+def test_trim_leading_silence():
+    voice = tone(200, 2.0, SR)
+    x = np.r_[np.zeros(int(0.5 * SR), np.float32), voice]
+    trimmed = probe.trim_leading_silence(x)
+    assert len(voice) <= len(trimmed) < len(voice) + 320  # cut to within one 20 ms frame of the onset
+    assert len(probe.trim_leading_silence(voice)) == len(voice)
+
+
+def test_pooled_hidden_states_equal_each_window_alone():
+    torch.manual_seed(0)
+    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]()).eval()
+    rng = np.random.default_rng(0)
+    windows = [rng.standard_normal(n).astype(np.float32) for n in (16000, 9000, 12345)]
+    batched = probe.pooled_hidden_states(enc, windows, "cpu")
+    for i, w in enumerate(windows):
+        alone = probe.pooled_hidden_states(enc, [w], "cpu")
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+    assert batched.shape == (3, enc.cfg.layers + 1, enc.cfg.dim)
+
+
+def test_extract_splits_long_clips_over_batches(tmp_path):
+    """A clip with more windows than one batch holds is cut over several encoder calls; the cached array equals
+    the windows run together, and a clip shorter than min_last is reported, not cached."""
+    torch.manual_seed(0)
+    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]()).eval()
+    task = probe.Task(reader=None, kind="multiclass", num_classes=2, metrics=("acc",), epochs=1, patience=1,
+                      plateau_patience=1, window=1.0, min_last=0.75)
+    long_path, short_path = tmp_path / "long.wav", tmp_path / "short.wav"
+    sf.write(long_path, tone(300, 3.8, SR, harmonics=3), SR)  # windows of 1, 1, 1 and 0.8 s
+    sf.write(short_path, tone(300, 0.5, SR), SR)
+    clips = [downstream.Clip("long.wav", str(long_path), "train", 0), downstream.Clip("short.wav", str(short_path),
+                                                                                        "train", 1)]
+    failed = probe.extract(task, clips, enc, str(tmp_path / "cache"), "cpu", batch_seconds=1.5)
+    assert list(failed) == ["short.wav"] and str(short_path) in failed["short.wav"]
+    cached = np.load(tmp_path / "cache" / "long.wav.npy")
+    windows = probe.clip_windows(probe.load_audio(str(long_path)), task)
+    assert [len(w) for w in windows] == [SR, SR, SR, int(0.8 * SR)]
+    np.testing.assert_allclose(cached, probe.pooled_hidden_states(enc, windows, "cpu").numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_head_adam_matches_torch_adam():
+    """Two stacked heads with different lrs take the same steps as two separate nn.Module heads under
+    torch.optim.Adam: the batched optimiser is exactly Adam, per head."""
+    gen = torch.Generator().manual_seed(0)
+    heads = probe.ProbeHeads(["all", 1], 3, 8, 4, gen)
+    lrs = [1e-2, 3e-3]
+    refs = [{k: v[h].detach().clone().requires_grad_(k != "allowed") for k, v in heads.state_dict().items()}
+            for h in range(2)]
+    ref_opts = [torch.optim.Adam([p for k, p in r.items() if k != "allowed"], lr=lr) for r, lr in zip(refs, lrs)]
+    opt = probe.HeadAdam(heads.parameters(), torch.tensor(lrs))
+    x = torch.randn(16, 3, 8, generator=gen)
+    y = torch.randint(0, 4, (16,), generator=gen)
+    heads.eval()  # no dropout, so both sides compute the same function
+    for _ in range(5):
+        for p in heads.parameters():
+            p.grad = None
+        probe.loss_fn("multiclass", heads(x), y).backward()
+        opt.step()
+        for h, (r, o) in enumerate(zip(refs, ref_opts)):
+            w = r["layer_logits"].masked_fill(~r["allowed"], float("-inf")).softmax(-1)
+            mixed = torch.einsum("s,bsd->bd", w, x)
+            out = torch.relu(mixed @ r["w1"] + r["b1"]) @ r["w2"] + r["b2"]
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(out, y).backward()
+            o.step()
+    for h, r in enumerate(refs):
+        for k in ("layer_logits", "w1", "b1", "w2", "b2"):
+            torch.testing.assert_close(getattr(heads, k)[h], r[k], atol=1e-6, rtol=1e-5)
+
+
+def test_clip_average_averages_logits_per_clip():
+    out = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]])  # 1 head, 3 windows
+    rows = torch.tensor([0, 0, 1])
+    torch.testing.assert_close(probe.clip_average(out, rows, 2), torch.tensor([[[2.0, 1.0], [5.0, 5.0]]]))
+
+
+def _features(n_clips, states, dim, classes, informative, seed):
+    """Two windows per clip; the class is added to the states in `informative` (the same class centers for every
+    split), the other states are noise."""
+    y = torch.arange(n_clips) % classes
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    X = torch.randn(2 * n_clips, states, dim, generator=torch.Generator().manual_seed(seed))
+    rows = torch.arange(n_clips).repeat_interleave(2)
+    for s in informative:
+        X[:, s] += centers[y[rows]]
+    return X, rows, y
+
+
+def test_sweep_reports_the_test_score_of_the_validation_best_cell():
+    """Train: states 1 and 2 carry the class; valid: only state 2; test: only state 1. So the validation-best
+    cell (state 2) tests near chance while the state-1 cells test well: the report must be the former's test
+    score, not the best test score in the grid."""
+    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=15, patience=5,
+                      plateau_patience=2)
+    data = {"train": _features(64, 3, 16, 4, (1, 2), seed=0), "valid": _features(40, 3, 16, 4, (2,), seed=1),
+            "test": _features(40, 3, 16, 4, (1,), seed=2)}
+    grid = [(c, lr) for lr in (1e-4, 1e-2) for c in (0, 1, 2)]
+    results = probe.train_heads(task, data, [g[0] for g in grid], [g[1] for g in grid], task.epochs, 0, "cpu",
+                                log=lambda *a: None)
+    chosen = probe.validation_best(results)
+    assert chosen["layers"] == 2 and chosen["best_valid"] > 0.9
+    assert chosen["best_valid"] == max(r["best_valid"] for r in results)
+    assert chosen["valid"]["acc"] == pytest.approx(chosen["best_valid"])  # restored best weights
+    assert chosen["test"]["acc"] < 0.5
+    assert max(r["test"]["acc"] for r in results if r["layers"] == 1) > 0.9
+    # ties go to the first cell in grid order
+    tied = [dict(best_valid=0.5, name="a"), dict(best_valid=0.7, name="b"), dict(best_valid=0.7, name="c")]
+    assert probe.validation_best(tied)["name"] == "b"
+
+
+def test_weighted_head_learns_to_weight_the_informative_state():
+    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=8, patience=8,
+                      plateau_patience=5)
+    data = {s: _features(n, 3, 16, 4, (2,), seed=i) for i, (s, n) in enumerate([("train", 128), ("valid", 40),
+                                                                                   ("test", 40)])}
+    (r,) = probe.train_heads(task, data, ["all"], [1e-2], task.epochs, 0, "cpu", log=lambda *a: None, batch_size=8)
+    init = probe.ProbeHeads(["all"], 3, 16, 4, torch.Generator().manual_seed(0)).layer_weights()[0]
+    assert r["test"]["acc"] > 0.9
+    assert r["layer_weights"][2] > 2 * float(init[2].detach())  # the softmax weight moved onto the informative state
+
+
+def test_group_shuffle_split_matches_sklearn():
+    ms = pytest.importorskip("sklearn.model_selection")
+    groups = np.repeat(np.arange(23), 3)[:-2]
+    np.random.seed(42617)
+    sk_tr, sk_te = next(ms.GroupShuffleSplit(n_splits=1, test_size=0.4).split(groups, groups=groups))
+    sk2_tr, sk2_te = next(ms.GroupShuffleSplit(n_splits=1, test_size=0.2).split(groups, groups=groups))
+    rng = np.random.RandomState(42617)
+    tr, te = downstream.group_shuffle_split(groups, 0.4, rng)
+    tr2, te2 = downstream.group_shuffle_split(groups, 0.2, rng)  # the same stream continues, as in MARBLE
+    assert sorted(tr) == sorted(sk_tr) and sorted(te) == sorted(sk_te)
+    assert sorted(tr2) == sorted(sk2_tr) and sorted(te2) == sorted(sk2_te)
+
+
+def test_gtzan_split_lists_are_the_benchmarks():
+    counts = {}
+    for split in ("train", "valid", "test"):
+        with open(os.path.join(downstream.SPLITS_DIR, "gtzan", f"{split}_filtered.txt")) as f:
+            counts[split] = len([line for line in f if line.strip()])
+    assert counts == {"train": 443, "valid": 197, "test": 290}  # Kereliuk et al. 2015, fault-filtered
+
+
+def test_emo_artist_split_is_jukemirs():
+    # sha1 of the normalised name, mod 10; "The Beatles!" and "the   beatles" normalise to the same artist
+    assert downstream.emo_artist_split("The Beatles!") == downstream.emo_artist_split("the   beatles")
+    h = int(__import__("hashlib").sha1(b"the beatles").hexdigest(), 16) % 10
+    assert downstream.emo_artist_split("The Beatles") == ("train" if h < 8 else "valid")
+
+
+def test_missing_data_set_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_cli(tmp_path, "nsynth_pitch", tmp_path / "nowhere")
+    msg = str(e.value)
+    assert "nsynth-train/examples.json" in msg and "magenta" in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the seven tasks end to end, each on a fixture in the real layout
+
+def write_nsynth(root, per_split=(32, 12, 12)):
+    families = ["bass", "guitar", "organ", "string"]
+    pitches = [40, 52, 64, 76]
+    for split, n in zip(("train", "valid", "test"), per_split):
+        meta = {}
+        for i in range(n):
+            fam, pitch = families[i % 4], pitches[(i // 4) % 4]
+            note_str = f"{fam}_acoustic_{i:03d}-{pitch:03d}-100"
+            meta[note_str] = dict(note=i, note_str=note_str, instrument=i, instrument_str=f"{fam}_acoustic_{i:03d}",
+                                  instrument_family=downstream.NSYNTH_FAMILIES.index(fam), instrument_family_str=fam,
+                                  instrument_source=0, instrument_source_str="acoustic", pitch=pitch, velocity=100,
+                                  sample_rate=16000, qualities=[0] * 10, qualities_str=[])
+            audio = tone(440 * 2 ** ((pitch - 69) / 12), 4.0, SR, harmonics=1 + 2 * (i % 4), seed=i)
+            os.makedirs(root / f"nsynth-{split}" / "audio", exist_ok=True)
+            sf.write(root / f"nsynth-{split}" / "audio" / f"{note_str}.wav", audio, SR, subtype="PCM_16")
+        with open(root / f"nsynth-{split}" / "examples.json", "w") as f:
+            json.dump(meta, f)
+
+
+@pytest.mark.parametrize("task", ["nsynth_pitch", "nsynth_instr"])
+def test_nsynth_end_to_end(tmp_path, task):
+    write_nsynth(tmp_path / "nsynth")
+    # 32 training notes: small batches and a high lr give the head enough steps to learn in a few epochs
+    record, lines = run_cli(tmp_path, task, tmp_path / "nsynth", "--epochs", "15", "--batch-size", "8", "--lr", "1e-2")
+    assert record["clips"] == {"train": 32, "valid": 12, "test": 12}
+    assert record["windows"] == record["clips"]  # a 4 s note is one window
+    assert lines[-1]["task"] == task and lines[-1]["metrics"] == record["metrics"]
+    # four well separated pitches / timbres: far above chance (0.25) even through a random encoder
+    assert record["metrics"]["acc"] >= 0.75
+    assert record["layers"] == "all" and len(record["layer_weights"]) == 3
+
+
+def test_extraction_cache_is_reused_and_resumable(tmp_path):
+    write_nsynth(tmp_path / "nsynth", per_split=(8, 4, 4))
+    first, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "2")
+    cache_files = sorted(p for p in (tmp_path / "cache").rglob("*.npy"))
+    assert len(cache_files) == 16
+    stamp = {p: p.stat().st_mtime_ns for p in cache_files}
+    cache_files[3].unlink()  # as if the run had been interrupted before this clip
+    second, _ = run_cli(tmp_path, "nsynth_instr", tmp_path / "nsynth", "--epochs", "2")  # shares the cache
+    again = sorted(p for p in (tmp_path / "cache").rglob("*.npy"))
+    assert again == cache_files
+    assert all(p.stat().st_mtime_ns == stamp[p] for p in cache_files if p != cache_files[3])
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+    # deterministic given --seed: the same run twice gives the same numbers
+    third, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "2")
+    assert third["metrics"] == first["metrics"] and third["layer_weights"] == first["layer_weights"]
+    # layer choices: MARBLE's 12 transformer layers (state 0 gets no weight) and one state alone
+    marble, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "1", "--layers", "transformer")
+    assert marble["layer_weights"][0] == 0 and sum(marble["layer_weights"]) == pytest.approx(1, abs=1e-3)
+    single, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "1", "--layers", "1")
+    assert single["layer_weights"] == [0, 1, 0] and single["layers"] == 1
+
+
+def test_unreadable_clip_is_reported_with_its_path(tmp_path, capsys):
+    write_nsynth(tmp_path / "nsynth", per_split=(8, 4, 4))
+    bad = next((tmp_path / "nsynth" / "nsynth-train" / "audio").iterdir())
+    bad.write_bytes(b"not audio")
+    record, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "1")
+    assert record["clips"]["train"] == 7
+    assert len(record["skipped"]) == 1 and str(bad) in record["skipped"][0]
+    assert str(bad) in capsys.readouterr().out
+
+
+def test_gtzan_end_to_end(tmp_path):
+    root = tmp_path / "gtzan"
+    (root / "genres").mkdir(parents=True)
+    clips = probe.select_clips(downstream.read_gtzan(str(root)), 20)
+    for i, c in enumerate(clips):  # GTZAN: 22,050 Hz mono 16-bit wav
+        g = downstream.GTZAN_GENRES.index(c.key.split("/")[1])
+        os.makedirs(os.path.dirname(c.path), exist_ok=True)
+        sf.write(c.path, tone(110 * 2 ** (g / 4), 1.5, 22050, harmonics=2, seed=i), 22050, subtype="PCM_16")
+    record, _ = run_cli(tmp_path, "gtzan_genre", root, "--max-clips", "20", "--epochs", "20")
+    assert record["clips"] == {"train": 20, "valid": 20, "test": 20}
+    assert "genres/jazz/jazz.00054.wav" not in [c.key for c in downstream.read_gtzan(str(root))]
+    assert record["lr"] == 5e-3  # GTZAN's base config
+    assert 0.0 <= record["metrics"]["acc"] <= 1.0
+
+
+def test_emo_end_to_end(tmp_path):
+    root = tmp_path / "emo"
+    (root / "clips_45seconds").mkdir(parents=True)
+    artists = [f"Artist {chr(65 + i)}" for i in range(12)]
+    rows, static = [], []
+    for song in range(2, 38):
+        artist = artists[song % 12]
+        evaluation = song % 5 == 0
+        arousal = 1 + 8 * ((song * 7) % 11) / 10  # 1..9 scale like the real annotations
+        valence = 1 + 8 * ((song * 3) % 7) / 6
+        rows.append([song, f"{song}.mp3", artist, f"Song {song}", "0.00", "0.45",
+                     "evaluation" if evaluation else "development"])
+        static.append([song, arousal, 0.5, valence, 0.5])
+        # loudness follows arousal, brightness follows valence: 45 s clips would be slow, 2.5 s keep the layout
+        audio = tone(100 + 40 * valence, 2.5, 44100, harmonics=1 + int(arousal) // 3, seed=song) * (arousal / 9)
+        sf.write(root / "clips_45seconds" / f"{song}.mp3", np.stack([audio, audio], 1), 44100, format="MP3")
+    with open(root / "songs_info.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["song_id", "file_name", "Artist", "Song title", "start of the segment (min.sec)",
+                    "end of the segment (min.sec)", "Mediaeval 2013 set"])
+        w.writerows(rows)
+    with open(root / "static_annotations.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["song_id", " mean_arousal", " std_arousal", " mean_valence", " std_valence"])
+        w.writerows(static)
+    clips = downstream.read_emo(str(root))
+    dev = np.stack([c.label for c in clips if c.split != "test"])
+    np.testing.assert_allclose(dev.mean(0), 0, atol=1e-6)  # z-scored on the development songs
+    np.testing.assert_allclose(dev.std(0), 1, atol=1e-5)
+    assert {c.split for c in clips} == {"train", "valid", "test"}
+    assert sum(c.split == "test" for c in clips) == sum(r[6] == "evaluation" for r in rows)
+    by_artist = {}
+    for c, r in zip(clips, rows):
+        by_artist.setdefault(r[2], set()).add(c.split)
+    assert all(len(s - {"test"}) <= 1 for s in by_artist.values())  # an artist never spans train and valid
+    record, _ = run_cli(tmp_path, "emo", root, "--epochs", "20")
+    assert set(record["metrics"]) == {"r2", "arousal_r2", "valence_r2"}
+    assert record["metrics"]["r2"] == pytest.approx(
+        (record["metrics"]["arousal_r2"] + record["metrics"]["valence_r2"]) / 2)
+    assert record["metrics"]["r2"] > -5
+
+
+def test_vocalset_end_to_end(tmp_path):
+    root = tmp_path / "vocalset"
+    techniques = ["belt", "breathy", "vibrato"]
+    for si, singer in enumerate(downstream.VOCALSET_SINGERS):
+        for ti, tech in enumerate(techniques):
+            folder = root / "FULL" / singer / "arpeggios" / tech
+            folder.mkdir(parents=True)
+            name = f"{singer}_arpeggios_{tech}_a.wav"
+            # 44.1 kHz mono; 0.3 s of leading silence that the VAD stand-in trims, then 3.4 s of voice -> one chunk
+            voice = tone(150 + 15 * si, 3.4, 44100, harmonics=1 + 3 * ti, seed=si * 10 + ti)
+            sf.write(folder / name, np.r_[np.zeros(int(0.3 * 44100), np.float32), voice], 44100, subtype="PCM_16")
+    # one of MARBLE's renames: f4's straight arpeggios ship without the singer prefix
+    folder = root / "FULL" / "f4" / "arpeggios" / "straight"
+    folder.mkdir(parents=True)
+    sf.write(folder / "arpeggios_straight_a.wav", tone(300, 3.4, 44100, seed=99), 44100, subtype="PCM_16")
+    sf.write(folder / "too_short.wav", tone(300, 2.0, 44100, seed=98), 44100, subtype="PCM_16")  # no 3 s chunk
+
+    rows = {r[4]: r for r in downstream.vocalset_files(str(root))}
+    assert rows["FULL/f4/arpeggios/straight/arpeggios_straight_a.wav"][2] == "f4"
+    tech = downstream.read_vocalset(str(root), "technique")
+    assert {c.split for c in tech if c.key.split("/")[1] in downstream.VOCALSET_TEST_SINGERS} == {"test"}
+    assert {c.split for c in tech} == {"train", "valid", "test"}
+    assert not any("too_short" in c.key for c in tech)
+    singer = downstream.read_vocalset(str(root), "singer")
+    assert len(singer) == len(tech)  # no non-technique folders in this fixture
+    assert all(c.label == downstream.VOCALSET_SINGERS.index(c.key.split("/")[1]) for c in singer)
+
+    record, _ = run_cli(tmp_path, "vocalset_tech", root, "--epochs", "10")
+    assert record["windows"] == record["clips"]  # 3.4 s of voice: one 3 s chunk each
+    assert 0.0 <= record["metrics"]["acc"] <= 1.0
+    record, _ = run_cli(tmp_path, "vocalset_singer", root, "--epochs", "10")
+    assert sum(record["clips"].values()) == len(singer)
+
+
+def test_mtt_end_to_end(tmp_path):
+    root = tmp_path / "mtt"
+    tags = [f"tag{i:02d}" for i in range(60)]  # the real file has 188 tag columns; the top 50 are kept
+    rng = np.random.default_rng(0)
+    header = ["clip_id"] + tags + ["mp3_path"]
+    rows = []
+    for i in range(48):
+        hexdir = "0123456789abcdef"[i % 16]
+        path = f"{hexdir}/artist_{i}-album-01-track_{i}-0-29.mp3"
+        y = (rng.random(60) < np.linspace(0.6, 0.02, 60)).astype(int)
+        y[i % 3] = 1  # three tags the audio carries
+        rows.append([str(i)] + [str(v) for v in y] + [path])
+        os.makedirs(root / "mp3" / hexdir, exist_ok=True)
+        sf.write(root / "mp3" / path, tone(200 * (1 + i % 3), 1.5, 16000, seed=i), 16000, format="MP3")
+    with open(root / "annotations_final.csv", "w") as f:
+        for r in [header] + rows:
+            f.write("\t".join(f'"{v}"' for v in r) + "\n")  # the real file quotes every field
+    clips = downstream.read_mtt(str(root))
+    counts = {s: sum(c.split == s for c in clips) for s in ("train", "valid", "test")}
+    assert counts == {"train": 36, "valid": 3, "test": 9}  # 0-b / c / d-f
+    assert clips[0].label.shape == (50,)
+    # labels are the 50 most frequent tag columns, most frequent first
+    table = np.array([[int(v) for v in r[1:-1]] for r in rows])
+    top = sorted(range(60), key=lambda j: (-table[:, j].sum(), j))[:50]
+    np.testing.assert_array_equal(np.stack([c.label for c in clips]), table[:, top])
+    assert clips[5].key == "mp3/" + rows[5][-1] and clips[5].split == "train"  # hex digit 5
+    record, _ = run_cli(tmp_path, "mtt", root, "--epochs", "10")
+    assert set(record["metrics"]) == {"roc_auc", "ap"}
+    assert 0.0 <= record["metrics"]["roc_auc"] <= 1.0 and 0.0 <= record["metrics"]["ap"] <= 1.0
+
+
+def test_sweep_through_the_cli(tmp_path):
+    write_nsynth(tmp_path / "nsynth", per_split=(16, 8, 8))
+    record, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "3", "--sweep")
+    assert record["heads"] == len(probe.SWEEP_LRS) * 4  # tiny encoder: {all, 0, 1, 2} x 6 lrs
+    best = max(record["grid"], key=lambda g: g["valid"])
+    assert record["valid"]["acc"] == best["valid"] and record["metrics"] == best["test"]
+
+
+def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
+    """The quick start's comparison: one of our checkpoints and `random` (same architecture, fixed seed) on the
+    same task, printed side by side; the checkpoint's cache tag changes when the file changes."""
+    from dataclasses import asdict
+    write_nsynth(tmp_path / "nsynth", per_split=(8, 4, 4))
+    torch.manual_seed(5)
+    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict(), "step": 10}, ckpt)
+    results = tmp_path / "results.jsonl"
+    records = probe.main(["--task", "nsynth_pitch", "--model", str(ckpt), "random", "--data-root",
+                          str(tmp_path / "nsynth"), "--cache-dir", str(tmp_path / "cache"), "--results", str(results),
+                          "--epochs", "2"])
+    out = capsys.readouterr().out
+    table = out[out.index("\ntask"):]
+    assert str(ckpt) in table and "random" in table and "nsynth_pitch" in table
+    a, b = records["nsynth_pitch", str(ckpt)], records["nsynth_pitch", "random"]
+    assert a["model_tag"] != b["model_tag"] and b["model_tag"].startswith("random-")
+    # random took the checkpoint's architecture: same number of hidden states in the head
+    assert len(a["layer_weights"]) == len(b["layer_weights"]) == enc.cfg.layers + 1
+    tag = a["model_tag"]
+    torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict(), "step": 20}, ckpt)
+    os.utime(ckpt, ns=(1, 1))
+    assert probe.model_tag(str(ckpt), enc.cfg, 0) != tag
