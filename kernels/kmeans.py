@@ -1,10 +1,56 @@
 """Nearest-centroid assignment for k-means (fairseq's dump_km_label / Lloyd's assignment step).
 
-`assign_nearest(x, centroids)` returns (labels, squared distances) without materialising more than a chunk of the
-N x K distance matrix. The Triton kernel plugs in here.
+`assign_nearest(x, centroids)` returns (labels, squared distances) without materialising the N x K distance matrix,
+`cluster_sums(x, labels, k)` the per-cluster sums and counts of the Lloyd update, and `assign_and_sum(x, centroids)`
+both at once, so a k-means iteration reads the points once.
+
+Why a kernel: HuBERT's label passes cluster millions of frames (39-dim MFCC for iteration 1, 768-dim features
+later) into K = 100..2000 (music: 500 / 2000) clusters. The torch path computes ||c||^2 - 2 x.c with addmm into a
+chunk x K matrix, writes it to memory and reads it back for argmin. The Triton kernel keeps a tile of points in
+registers, streams tiles of centroids past it, accumulates x.c over D in fp32, and keeps a running (min, argmin)
+per point, so only N labels and N distances are written. Distances use the same expansion
+||x||^2 - 2 x.c + ||c||^2 as the torch path (clamped at 0); the minimum distance is the point's contribution to the
+inertia for free.
+
+Backend choice: `BACKEND` ("auto" | "triton" | "torch"), initialised from the env var MUSICSSL_KMEANS, or the
+context manager `use_backend(...)`. "auto" = the kernels on CUDA tensors when Triton imports, torch otherwise.
+"triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported (that is how the tests run it).
 """
+import contextlib
+import os
+
 import torch
 
+try:  # Triton is optional: without it the torch paths below still work.
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+BACKEND = os.environ.get("MUSICSSL_KMEANS", "auto")
+BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """with use_backend("triton"): ... forces the kernels (or "torch" the reference) inside the block."""
+    global BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"k-means backend must be one of {BACKENDS}, got {name!r}")
+    old, BACKEND = BACKEND, name
+    try:
+        yield
+    finally:
+        BACKEND = old
+
+
+# ------------------------------------------------------------------------------------------------ plain torch
 
 def assign_nearest_reference(x, centroids, chunk=16384):
     """x: N x D, centroids: K x D -> (labels int64 N, squared distance float32 N), in chunks of points."""
@@ -22,13 +68,200 @@ def assign_nearest_reference(x, centroids, chunk=16384):
     return labels, dists
 
 
-def assign_nearest(x, centroids):
-    return assign_nearest_reference(x, centroids)
-
-
-def cluster_sums(x, labels, k):
+def cluster_sums_reference(x, labels, k):
     """Per-cluster sums (K x D, float32) and counts (K, int64) for the Lloyd update."""
     sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)
     sums.index_add_(0, labels, x.float())
     counts = torch.bincount(labels, minlength=k)
     return sums, counts
+
+
+# ------------------------------------------------------------------------------------------------ Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _keep_nearest(dot, CSq, k0, K, best, best_idx, BLOCK_K: tl.constexpr):
+        """Fold one tile of centroids into the running (min distance - ||x||^2, argmin) of each point."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        c_sq = tl.load(CSq + ks, mask=ks < K, other=float("inf"))  # padded centroids never win
+        dist = c_sq[None, :] - 2.0 * dot
+        tile_min, tile_arg = tl.min(dist, 1, return_indices=True)
+        # strict < keeps the earlier tile on ties, and argmin takes the leftmost within a tile: lowest index wins,
+        # as in torch's min
+        better = tile_min < best
+        return tl.where(better, tile_min, best), tl.where(better, k0 + tile_arg, best_idx)
+
+    @triton.jit
+    def _assign_kernel(X, C, CSq, Labels, Dists, Sums, Counts, N, K, D,
+                       stride_xn, stride_xd, stride_ck, stride_cd,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                       X_IN_ONE_TILE: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_valid = rows < N
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn  # int64: N x D exceeds 2^31 at 4M x 768
+        best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        x_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if X_IN_ONE_TILE:
+            # D <= BLOCK_D (MFCC's 39 -> 64): the points' tile is loaded once and stays on chip for all of K.
+            dd = tl.arange(0, BLOCK_D)
+            x = tl.load(x_rows + dd[None, :] * stride_xd, mask=row_valid[:, None] & (dd < D)[None, :], other=0.0)
+            x_sq = tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                cT = tl.load(C + ks[None, :] * stride_ck + dd[:, None] * stride_cd,
+                             mask=(ks < K)[None, :] & (dd < D)[:, None], other=0.0)
+                dot = tl.dot(x, cT, input_precision=PRECISION)
+                best, best_idx = _keep_nearest(dot, CSq, k0, K, best, best_idx, BLOCK_K)
+        else:
+            # Wide features (HuBERT layer outputs, 768): x.c accumulates over chunks of D for each centroid tile;
+            # the point tile is re-read from L1/L2, not DRAM.
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                x = tl.load(x_rows + dd[None, :] * stride_xd, mask=row_valid[:, None] & (dd < D)[None, :],
+                            other=0.0).to(tl.float32)
+                x_sq += tl.sum(x * x, 1)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    x = tl.load(x_rows + dd[None, :] * stride_xd, mask=row_valid[:, None] & (dd < D)[None, :],
+                                other=0.0)
+                    cT = tl.load(C + ks[None, :] * stride_ck + dd[:, None] * stride_cd,
+                                 mask=(ks < K)[None, :] & (dd < D)[:, None], other=0.0)
+                    dot = tl.dot(x, cT, dot, input_precision=PRECISION)
+                best, best_idx = _keep_nearest(dot, CSq, k0, K, best, best_idx, BLOCK_K)
+        tl.store(Labels + rows, best_idx.to(tl.int64), mask=row_valid)
+        tl.store(Dists + rows, tl.maximum(best + x_sq, 0.0), mask=row_valid)
+        if ACCUMULATE:
+            # Lloyd update in the same pass: the tile of points is still in L1/L2, so x is read from DRAM once.
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = row_valid[:, None] & (dd < D)[None, :]
+                x = tl.load(x_rows + dd[None, :] * stride_xd, mask=m, other=0.0)
+                tl.atomic_add(Sums + best_idx[:, None] * D + dd[None, :], x.to(tl.float32), mask=m)
+            tl.atomic_add(Counts + best_idx, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_valid)
+
+    @triton.jit
+    def _cluster_sums_kernel(X, Labels, Sums, Counts, N, D, stride_xn, stride_xd,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_valid = rows < N
+        labels = tl.load(Labels + rows, mask=row_valid, other=0).to(tl.int32)
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            m = row_valid[:, None] & (dd < D)[None, :]
+            x = tl.load(x_rows + dd[None, :] * stride_xd, mask=m, other=0.0)
+            tl.atomic_add(Sums + labels[:, None] * D + dd[None, :], x.to(tl.float32), mask=m)
+        tl.atomic_add(Counts + labels, tl.full([BLOCK_N], 1, dtype=tl.int32), mask=row_valid)
+
+    # Autotuning on the GPU; reset_to_zero because the accumulating variant adds into Sums/Counts on every trial.
+    # BLOCK_D is not tuned: the launcher sets it from D (see _block_d).
+    _ASSIGN_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                       for bn, bk, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+                                            (128, 64, 8, 4), (256, 64, 8, 3), (64, 256, 8, 3), (128, 32, 4, 4)]]
+    _assign_tuned = triton.autotune(_ASSIGN_CONFIGS, key=["K", "D", "ACCUMULATE", "PRECISION"],
+                                    reset_to_zero=["Sums", "Counts"])(_assign_kernel)
+
+# Under the interpreter one small fixed tile, so the tests' small odd shapes span several tiles.
+INTERPRET_BLOCK = 16
+# Feature dims up to this are held in one tile (D padded to a power of two); wider ones are walked in chunks.
+MAX_ONE_TILE_D = 128
+
+
+def _block_d(D):
+    """(BLOCK_D, X_IN_ONE_TILE) for feature dim D."""
+    if D <= MAX_ONE_TILE_D:
+        return max(16, triton.next_power_of_2(D)), True
+    return (INTERPRET_BLOCK if _interpreting() else 32), False  # 32: 64-wide chunks spill at these tiles
+
+
+def _check(x, centroids):
+    if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"k-means: points must be N x D and centroids K x D, got {tuple(x.shape)} and "
+                         f"{tuple(centroids.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"k-means kernel: points must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if x.device != centroids.device:
+        raise ValueError(f"k-means: points on {x.device} but centroids on {centroids.device}")
+
+
+def _use_triton(x):
+    if BACKEND not in BACKENDS:
+        raise ValueError(f"k-means backend (MUSICSSL_KMEANS) must be one of {BACKENDS}, got {BACKEND!r}")
+    if BACKEND == "torch":
+        return False
+    if BACKEND == "auto":
+        return HAS_TRITON and x.is_cuda and x.dtype in SUPPORTED_DTYPES
+    if not HAS_TRITON:
+        raise RuntimeError("k-means: the Triton backend was requested but `import triton` failed")
+    if not x.is_cuda and not _interpreting():
+        raise RuntimeError("k-means: the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+                           "is imported")
+    return True
+
+
+def _assign_triton(x, centroids, accumulate, allow_tf32):
+    _check(x, centroids)
+    N, D = x.shape
+    K = centroids.shape[0]
+    # The dot runs in the points' dtype (bf16/fp16 on tensor cores, fp32 as IEEE or TF32), so the centroids are
+    # rounded to it too and ||c||^2 is taken from the rounded values: one consistent distance per pair.
+    c = centroids.to(x.dtype)
+    c_sq = (c.float() ** 2).sum(1).contiguous()
+    labels = torch.empty(N, dtype=torch.long, device=x.device)
+    dists = torch.empty(N, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(K if accumulate else 1, D, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(K if accumulate else 1, dtype=torch.int32, device=x.device)
+    # fp32: 3xTF32 (~fp32 accuracy on tensor cores; "ieee" runs on FMA units and spills registers at these tiles),
+    # or plain TF32 when the caller accepts ~1e-3 relative error in x.c. bf16/fp16 products are exact in fp32.
+    precision = "tf32" if (allow_tf32 or x.dtype != torch.float32) else "tf32x3"
+    args = (x, c, c_sq, labels, dists, sums, counts, N, K, D, *x.stride(), *c.stride())
+    block_d, one_tile = _block_d(D)
+    flags = dict(BLOCK_D=block_d, X_IN_ONE_TILE=one_tile, ACCUMULATE=accumulate, PRECISION=precision)
+    if _interpreting():
+        b = INTERPRET_BLOCK
+        _assign_kernel[(triton.cdiv(N, b),)](*args, BLOCK_N=b, BLOCK_K=b, **flags)
+    else:
+        _assign_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    return labels, dists, sums, counts.long()
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+def assign_nearest(x, centroids, allow_tf32=False):
+    """x: N x D, centroids: K x D -> (labels int64 N, squared distance float32 N). dists.sum() is the inertia.
+    allow_tf32: on the kernel path, let fp32 inputs use TF32 tensor cores (faster; ~1e-3 relative error in x.c,
+    which can flip near-ties)."""
+    if _use_triton(x):
+        labels, dists, _, _ = _assign_triton(x, centroids, accumulate=False, allow_tf32=allow_tf32)
+        return labels, dists
+    return assign_nearest_reference(x, centroids)
+
+
+def cluster_sums(x, labels, k):
+    """Per-cluster sums (K x D, float32) and counts (K, int64) for the Lloyd update."""
+    if not _use_triton(x):
+        return cluster_sums_reference(x, labels, k)
+    N, D = x.shape
+    if labels.shape != (N,):
+        raise ValueError(f"cluster_sums: labels must have shape ({N},), got {tuple(labels.shape)}")
+    sums = torch.zeros(k, D, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(k, dtype=torch.int32, device=x.device)
+    block_n, block_d = (INTERPRET_BLOCK, INTERPRET_BLOCK) if _interpreting() else (128, 64)
+    _cluster_sums_kernel[(triton.cdiv(N, block_n),)](x, labels.contiguous(), sums, counts, N, D, *x.stride(),
+                                                     BLOCK_N=block_n, BLOCK_D=block_d)
+    return sums, counts.long()
+
+
+def assign_and_sum(x, centroids, allow_tf32=False):
+    """One Lloyd iteration's pass over the points: (labels, sqdist, sums K x D float32, counts K int64).
+    The kernel path fuses the two; the torch path calls the references one after the other."""
+    if _use_triton(x):
+        return _assign_triton(x, centroids, accumulate=True, allow_tf32=allow_tf32)
+    labels, dists = assign_nearest_reference(x, centroids)
+    sums, counts = cluster_sums_reference(x, labels, centroids.shape[0])
+    return labels, dists, sums, counts
