@@ -1,0 +1,131 @@
+"""Shared training machinery: overrides, schedules, checkpoints, RNG, guards, FLOP count."""
+import math
+import os
+import random
+import signal
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import training
+
+
+def _defaults():
+    return {"lr": 5e-4, "steps": 100, "name": "run", "use_tb": False, "betas": (0.9, 0.98), "label_dir": None,
+            "math": math, "_private": 1, "NUM_SPECIAL": 4}
+
+
+def test_configure_cli_types_and_file(tmp_path):
+    g = _defaults()
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nsteps = 7\nlr = 1\n")
+    over = training.configure(g, [str(cfg), "--name=runs/x", "--use_tb=true", "--betas=[0.8,0.9]",
+                                  "--label_dir=/tmp/l", "--steps=9"], verbose=False)
+    assert g["steps"] == 9 and over["steps"] == 9  # command line after the file wins
+    assert g["lr"] == 1.0 and isinstance(g["lr"], float)  # int accepted for float, converted
+    assert g["name"] == "runs/x" and g["use_tb"] is True and g["betas"] == (0.8, 0.9)
+    assert g["label_dir"] == "/tmp/l"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--stepz=3"], "unknown key 'stepz'"),
+    (["--steps=3.5"], "steps must be int"),
+    (["--use_tb=1"], "use_tb must be bool"),
+    (["--lr=abc"], "cannot parse"),
+    (["--steps"], "expected --key=value"),
+    (["--_private=2"], "unknown key"),
+    (["--NUM_SPECIAL=2"], "unknown key"),
+    (["nonexistent.py"], "not a file"),
+])
+def test_configure_errors_are_one_line(argv, needle):
+    with pytest.raises(training.ConfigError) as e:
+        training.configure(_defaults(), argv, verbose=False)
+    msg = str(e.value.code)
+    assert needle in msg and "\n" not in msg
+
+
+def test_configure_file_unknown_key_names_file(tmp_path):
+    cfg = tmp_path / "bad.py"
+    cfg.write_text("stepz = 3\n")
+    with pytest.raises(training.ConfigError) as e:
+        training.configure(_defaults(), [str(cfg)], verbose=False)
+    assert "bad.py" in str(e.value.code) and "stepz" in str(e.value.code)
+
+
+def test_polynomial_decay_lr():
+    f = lambda s: training.polynomial_decay_lr(s, 1.0, warmup_steps=10, total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == 0.0 and f(500) == 0.0
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_tri_stage_lr():
+    f = lambda s: training.tri_stage_lr(s, 1.0, total_steps=1000)  # 30 warm-up, 900 hold, 70 decay
+    assert f(0) == pytest.approx(0.01) and f(15) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f(30) == 1.0 and f(929) == 1.0
+    assert f(930 + 35) == pytest.approx(0.1)  # half way through an exponential decay 1 -> 0.01
+    assert f(1000) == pytest.approx(0.01) and f(5000) == pytest.approx(0.01)
+
+
+def test_checkpoint_atomic_keep_last_and_latest(tmp_path):
+    for step in (5, 10, 15, 20):
+        training.save_checkpoint({"step": step, "w": torch.full((3,), float(step))}, str(tmp_path), step, keep_last=2)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["ckpt_00000015.pt", "ckpt_00000020.pt"]  # no temporary files left behind
+    latest = training.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("ckpt_00000020.pt")
+    assert training.load_checkpoint(latest)["w"].tolist() == [20.0] * 3
+    (tmp_path / "ckpt_00000099.pt.tmp123").write_bytes(b"partial")  # a crash mid-write is ignored
+    assert training.latest_checkpoint(str(tmp_path)) == latest
+    assert training.latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_rng_state_roundtrip():
+    state = training.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    training.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_stop_signal_on_sigterm():
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = training.StopSignal()
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.should_stop()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_nonfinite_guard():
+    g = training.NonFiniteGuard(max_in_row=3)
+    assert g.ok(True) and not g.ok(False) and not g.ok(False) and g.ok(True)
+    assert g.total == 2 and g.in_row == 0
+    g.ok(False), g.ok(False)
+    with pytest.raises(training.NonFiniteLossError, match="3 non-finite losses in a row"):
+        g.ok(False, step=7)
+
+
+def test_encoder_flops_hand_count():
+    # 1-layer, 8-dim toy with a single conv (2 -> ... ) counted by hand.
+    cfg = types.SimpleNamespace(dim=8, layers=1, ffn=16, conv_layers=((4, 4, 2),), pos_conv_kernel=3,
+                                pos_conv_groups=2, pos_conv_depth=1)
+    n = 10  # conv frames: (10 - 4) // 2 + 1 = 4
+    T = 4
+    expect = (2 * 1 * 4 * 4 * T  # conv
+              + 2 * 4 * 8 * T  # projection 4 -> 8
+              + 2 * 8 * 4 * 3 * T  # pos conv, 8 / 2 input channels per group
+              + 2 * 4 * 8 * 8 * T + 2 * 2 * T * T * 8 + 2 * 2 * 8 * 16 * T)  # qkvo, scores + AV, FFN
+    assert training.encoder_flops(cfg, n) == expect
+    base = types.SimpleNamespace(dim=768, layers=12, ffn=3072)
+    # ~95M parameters, 2 FLOPs per parameter per frame is the transformer's floor; the conv stack adds ~1/3
+    assert 13e9 < training.encoder_flops(base, 16000) < 17e9
+
+
+def test_logger_format():
+    line = training.TrainLogger.format(3, {"loss": 1.23456, "lr": 5e-4, "mfu": None, "skipped": 2})
+    assert line == "step 3 | loss 1.235 | lr 5.000e-04 | mfu n/a | skipped 2"

@@ -1,0 +1,487 @@
+"""Training machinery shared by the pre-training scripts (pretrain_musichubert.py, pretrain_music2vec.py).
+
+Each function here is one thing a nanoGPT-style train script needs and would otherwise copy:
+  configure(globals(), argv)        config/*.py files and --key=value overrides, validated (one-line errors)
+  setup_distributed() / DistInfo    DDP from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (NCCL on CUDA, gloo on CPU)
+  all_reduce_sum(t)                 sum over ranks (no-op in a single process)
+  polynomial_decay_lr, tri_stage_lr learning rate as an explicit function of the step (fairseq's two schedules)
+  save_checkpoint / latest_checkpoint / load_checkpoint   atomic write, keep-last-N, resume
+  rng_state / set_rng_state         python, numpy, torch, cuda RNG capture for exact resume
+  StopSignal                        SIGTERM (cluster preemption) -> a flag the loop checks, agreed across ranks
+  NonFiniteGuard                    skip updates with a non-finite loss/grad, stop after N in a row
+  TrainLogger                       the log line (+ optional TensorBoard)
+  encoder_flops, peak_flops_per_s   MFU: forward FLOPs of the encoder for one clip, conv front end included
+
+Nothing here knows about a particular objective; heads and losses live in the pretrain scripts.
+"""
+import ast
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration: plain globals in the train script, overridden by config files and --key=value
+
+class ConfigError(SystemExit):
+    """A bad override. Subclasses SystemExit so the script stops with one line on stderr, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"config error: {message}")
+
+
+def _coerce(key, value, default, source):
+    """Return `value` converted to the type of `default`, or raise ConfigError naming key, source and types."""
+    if default is None:
+        return value  # no type to check against (an optional path, an optional int, ...)
+    if isinstance(default, bool):  # bool before int: bool is a subclass of int
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"{source}: {key} must be {type(default).__name__} (default {default!r}), "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _parse_cli_value(raw, default):
+    """--key=value text -> Python value. Literals go through ast.literal_eval; a str (or None) default also takes
+    bare text, so `--out_dir=runs/x` needs no quotes. true/false are accepted for bools."""
+    if isinstance(default, bool) and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None or isinstance(default, str):
+            return raw
+        raise ConfigError(f"--{raw!r}: cannot parse {raw!r} as a Python literal") from None
+
+
+def configure(globals_dict, argv=None, verbose=True):
+    """Apply overrides to a train script's hyperparameter globals, in order, and return {key: new value}.
+
+    argv (default sys.argv[1:]) holds config files (`config/quickstart.py`: plain Python assignments) and
+    `--key=value` items. Only keys that already exist in `globals_dict` with a plain-data default
+    (bool/int/float/str/tuple/list/None) can be set. An unknown key, a wrong type or an unparsable value raises
+    ConfigError, which exits with one line naming the key and where it came from. `_private` and `ALL_CAPS` globals
+    are not settable. Names starting with `_` and modules/functions/classes in a config file are ignored (a config
+    may `import math` or define helpers).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    settable = set(config_snapshot(globals_dict))
+    overrides = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ConfigError(f"{arg}: expected --key=value")
+            key, raw = arg[2:].split("=", 1)
+            if key not in settable:
+                raise ConfigError(f"{arg}: unknown key {key!r}")
+            value = _coerce(key, _parse_cli_value(raw, globals_dict[key]), globals_dict[key], arg)
+            globals_dict[key] = overrides[key] = value
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"{arg}: not a file (expected a config file or --key=value)")
+            scope = {}
+            with open(arg) as f:
+                code = f.read()
+            try:
+                exec(compile(code, arg, "exec"), scope)
+            except Exception as e:  # a config file with a typo should still be a one-line error
+                raise ConfigError(f"{arg}: {type(e).__name__}: {e}") from None
+            for key, value in scope.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in settable:
+                    raise ConfigError(f"{arg}: unknown key {key!r}")
+                value = _coerce(key, value, globals_dict[key], arg)
+                globals_dict[key] = overrides[key] = value
+    if verbose and overrides and int(os.environ.get("RANK", "0")) == 0:
+        for key, value in overrides.items():
+            print(f"config: {key} = {value!r}")
+    return overrides
+
+
+def config_snapshot(globals_dict):
+    """The settable hyperparameters of a script as a plain dict (stored in checkpoints): globals holding plain data,
+    except private (`_x`) and constant (`ALL_CAPS`) names."""
+    return {k: v for k, v in globals_dict.items()
+            if not k.startswith("_") and not k.isupper()
+            and (v is None or isinstance(v, (bool, int, float, str, tuple, list)))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    ddp: bool = False
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Initialise torch.distributed when launched by torchrun (RANK/LOCAL_RANK/WORLD_SIZE in the environment).
+
+    device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda". The backend is NCCL on CUDA
+    and gloo on CPU. Multi-node runs need nothing extra: torchrun's rendezvous sets MASTER_ADDR/PORT and the ranks.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = int(os.environ.get("RANK", "-1")) != -1 and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not ddp:
+        dev = "cuda:0" if device == "cuda" else device
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        return DistInfo(device=dev)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device == "cuda":
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl", device_id=torch.device(dev))
+    else:
+        dev = "cpu"
+        dist.init_process_group(backend="gloo")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, ddp=True)
+
+
+def cleanup_distributed(info):
+    if info.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """In-place sum over ranks (returns the tensor); a no-op without torch.distributed."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning-rate schedules: the lr for update `step` (0-based), as plain functions a test can tabulate
+
+def polynomial_decay_lr(step, peak_lr, warmup_steps, total_steps, end_lr=0.0, power=1.0):
+    """fairseq `polynomial_decay` (HuBERT, wav2vec 2.0): linear warm-up from 0 to peak over `warmup_steps`, then
+    (peak - end) * (1 - progress)^power + end down to `end_lr` at `total_steps`, constant after.
+    Warm-up uses (step + 1) / warmup so the first update already moves (fairseq: num_updates / warmup)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return end_lr
+    remaining = 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return (peak_lr - end_lr) * remaining ** power + end_lr
+
+
+def tri_stage_lr(step, peak_lr, total_steps, warmup_frac=0.03, hold_frac=0.90, decay_frac=0.07,
+                 init_scale=0.01, final_scale=0.01):
+    """fairseq `tri_stage` (data2vec audio base: phase ratios 0.03/0.90/0.07): linear warm-up from init_scale*peak
+    to peak, hold at peak, exponential decay to final_scale*peak, then constant. Stage lengths are
+    int(frac * total_steps) as in fairseq's phase_ratio handling."""
+    warmup, hold, decay = (int(f * total_steps) for f in (warmup_frac, hold_frac, decay_frac))
+    init_lr, final_lr = init_scale * peak_lr, final_scale * peak_lr
+    if step < warmup:
+        return init_lr + (peak_lr - init_lr) * step / warmup
+    step -= warmup
+    if step < hold:
+        return peak_lr
+    step -= hold
+    if step < decay:
+        return peak_lr * math.exp(math.log(final_scale) * step / decay)
+    return final_lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+_CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+def save_checkpoint(state, out_dir, step, keep_last=3):
+    """torch.save `state` to out_dir/ckpt_{step:08d}.pt atomically and delete all but the newest `keep_last`.
+
+    Atomic: written to a temporary file in the same folder, fsync'ed, then os.replace'd, so a kill (or a full disk)
+    mid-write leaves the previous checkpoints intact and never a truncated ckpt_*.pt. keep_last <= 0 keeps all.
+    Returns the path written."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    tmp = path + f".tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    if keep_last > 0:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            os.remove(old)
+    return path
+
+
+def list_checkpoints(out_dir):
+    """ckpt_*.pt paths in out_dir, oldest step first (temporary files are ignored)."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt"))
+             if (m := _CKPT_RE.search(os.path.basename(p)))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir):
+    """Path of the highest-step checkpoint in out_dir, or None."""
+    found = list_checkpoints(out_dir) if os.path.isdir(out_dir) else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by save_checkpoint. It holds numpy RNG state and the config, so it is unpickled
+    with weights_only=False: only load checkpoints you trust (your own runs)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state for exact resume
+
+def rng_state():
+    """Every RNG the training loop draws from: python `random`, numpy's global RNG, torch CPU and all CUDA devices."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stopping: preemption and non-finite losses
+
+class StopSignal:
+    """Sets `.requested` on SIGTERM (what Slurm & co send before preemption) so the loop can save and exit cleanly
+    at the next step boundary instead of dying mid-write. `should_stop(info)` agrees across ranks: a signal on any
+    rank stops all of them at the same step (otherwise the others would hang in the next all-reduce)."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.requested = False
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, info=None):
+        if info is None or not info.ddp:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts updates skipped because the loss or gradient norm was not finite (fp16/bf16 overflow, a bad clip).
+
+    `ok(finite)` returns whether to apply the update; after `max_in_row` consecutive bad steps it raises
+    NonFiniteLossError with a message, since the run is then diverging rather than hitting a one-off. Pass a
+    value that is identical on every rank (e.g. the all-reduced loss or the clipped global grad norm) so that
+    all ranks skip together."""
+
+    def __init__(self, max_in_row=10):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def ok(self, finite, step=None):
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        where = f" at step {step}" if step is not None else ""
+        print(f"warning: non-finite loss or gradient{where}; update skipped "
+              f"({self.in_row} in a row, {self.total} in total)", file=sys.stderr)
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f"{self.in_row} non-finite losses in a row{where}: the run is diverging "
+                f"(lower the learning rate, check the data, or raise max_nonfinite_in_row)")
+        return False
+
+    def state_dict(self):
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, state):
+        self.in_row, self.total = state["in_row"], state["total"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logging
+
+class TrainLogger:
+    """Prints `step N | key value | ...` lines (master rank only), appends them at full precision to a JSON-lines
+    file if `jsonl_path` is given (for plots and tests), and optionally writes TensorBoard scalars.
+
+    Use `log(step, metrics)` with a dict of floats; formatting: lr in scientific notation, `mfu` as a percentage
+    (None -> n/a), others with 4 significant digits. tensorboard_dir needs the `tensorboard` package."""
+
+    def __init__(self, enabled=True, tensorboard_dir=None, print_fn=print, jsonl_path=None):
+        self.enabled = enabled
+        self.print_fn = print_fn
+        self.jsonl_path = jsonl_path
+        self.writer = None
+        if enabled and tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    @staticmethod
+    def format(step, metrics):
+        parts = [f"step {step}"]
+        for k, v in metrics.items():
+            if k == "mfu":
+                parts.append("mfu n/a" if v is None else f"mfu {100 * v:.2f}%")
+            elif k == "lr":
+                parts.append(f"lr {v:.3e}")
+            elif isinstance(v, int):
+                parts.append(f"{k} {v}")
+            else:
+                parts.append(f"{k} {v:.4g}")
+        return " | ".join(parts)
+
+    def log(self, step, metrics):
+        if not self.enabled:
+            return
+        self.print_fn(self.format(step, metrics))
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MFU
+
+# (channels, kernel, stride) of the wav2vec 2.0 / HuBERT / data2vec conv front end
+BASE_CONV_LAYERS = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+def encoder_flops(cfg, num_samples):
+    """Forward FLOPs (multiply-add = 2) of the encoder for ONE clip of `num_samples` samples, counting the conv front
+    end, feature projection, positional conv(s), attention projections, QK^T and AV, and FFNs. Norms, activations
+    and softmax are ignored (a few %). Training costs about 3x this (forward + backward).
+
+    The conv front end matters: at base size it is ~1/3 of the forward (4.9 of 15.3 GFLOP per second of audio for
+    15 s clips).
+    Reads cfg.dim, cfg.layers, cfg.ffn and, if present, cfg.conv_layers, cfg.pos_conv_kernel, cfg.pos_conv_groups,
+    cfg.pos_conv_depth (defaults: the base conv stack, one k=128 g=16 pos conv)."""
+    conv_layers = getattr(cfg, "conv_layers", None) or BASE_CONV_LAYERS
+    flops, length, c_in = 0, num_samples, 1
+    for c_out, k, s in conv_layers:
+        length = (length - k) // s + 1
+        if length <= 0:
+            return 0
+        flops += 2 * c_in * k * c_out * length
+        c_in = c_out
+    T, d, f = length, cfg.dim, cfg.ffn
+    flops += 2 * c_in * d * T  # post_extract_proj
+    depth = getattr(cfg, "pos_conv_depth", 1) or 1
+    kernel = getattr(cfg, "pos_conv_kernel", 128)
+    groups = getattr(cfg, "pos_conv_groups", 16)
+    flops += depth * 2 * d * (d // groups) * kernel * T
+    per_layer = 2 * 4 * d * d * T + 2 * 2 * T * T * d + 2 * 2 * d * f * T
+    return int(flops + cfg.layers * per_layer)
+
+
+# dense bf16 tensor-core peak per GPU (vendor data sheets, no sparsity); matched against the device name
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12),
+)
+
+
+def peak_flops_per_s(device, override=None):
+    """Peak FLOP/s of one device for MFU, or None when unknown (CPU: MFU is printed as n/a).
+    `override` (a number) wins, for GPUs missing from the table."""
+    if override:
+        return float(override)
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+class Throughput:
+    """Clips/s, audio-hours/s and MFU over the steps since the last `read()` (global figures: pass global counts)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t0 = time.time()
+        self.clips = 0
+        self.samples = 0
+        self.flops = 0.0
+
+    def add(self, clips, samples, flops):
+        self.clips += clips
+        self.samples += samples
+        self.flops += flops
+
+    def read(self, peak_total=None, sample_rate=16000):
+        dt = max(time.time() - self.t0, 1e-9)
+        out = {"clips/s": self.clips / dt, "audio_h/s": self.samples / sample_rate / 3600 / dt,
+               "mfu": (self.flops / dt / peak_total) if peak_total else None}
+        self.reset()
+        return out
