@@ -360,10 +360,13 @@ def _distinct_uniform(n, k, rand):
     active = slot < k[:, None]
     sentinel = n.max() + 1 + slot.expand(B, kmax)  # unique placeholders for unused slots
     x = torch.where(active, (rand(B, kmax) * n[:, None]).long(), sentinel)
+    owner = torch.empty(B, int(sentinel.max()) + 1, dtype=torch.long, device=n.device)
+    slots = slot.expand(B, kmax)
     while True:
-        v, order = x.sort(1)
-        repeat = torch.zeros_like(active)
-        repeat.scatter_(1, order[:, 1:], v[:, 1:] == v[:, :-1])
+        # each value is owned by the first slot holding it (an order of slots, never of values, so the accepted set
+        # stays uniform; amin keeps it deterministic on GPUs too); the other slots holding that value draw again
+        owner.fill_(kmax).scatter_reduce_(1, x, slots, reduce="amin")
+        repeat = owner.gather(1, x) != slots
         if not bool(repeat.any()):
             break
         x = torch.where(repeat, (rand(B, kmax) * n[:, None]).long(), x)
@@ -391,8 +394,10 @@ def span_mask(shape, mask_prob, mask_length, min_masks=2, lengths=None, same_cou
     # frame t is masked when a start lies in (t - mask_length, t]: a running count of starts, differenced
     marks = torch.zeros(B, T + 1, dtype=torch.long, device=device)
     marks = marks.scatter_(1, torch.where(starts >= 0, starts, T), 1)[:, :T].cumsum(1)
-    pos = torch.arange(T, device=device)
-    mask = (marks - F.pad(marks, (mask_length, 0))[:, :T] > 0) & (pos[None, :] < sz[:, None])
+    marks[:, mask_length:] -= marks[:, :-mask_length].clone()
+    mask = marks > 0
+    if lengths is not None:
+        mask &= torch.arange(T, device=device)[None, :] < sz[:, None]
     if same_count and B > 1:  # unmask random frames until every row has the batch's smallest count
         counts = mask.sum(1)
         extra = counts - counts.min()
