@@ -1,0 +1,470 @@
+"""Music2Vec pre-training: data2vec 1.0 (Baevski et al. 2022, arXiv 2202.03555) on music (Li et al. 2022,
+arXiv 2212.02508; Ma et al. 2023, arXiv 2307.05161).
+
+A student encoder sees span-masked audio and regresses, at the masked frames, the average of the top-K layers of an
+EMA teacher that sees the same clip unmasked. Reference: fairseq examples/data2vec/models/data2vec_audio.py and
+examples/data2vec/config/audio/pretraining/base_librispeech.yaml (paraphrased in spec/pretrain.md §3).
+
+Single process:   python pretrain_music2vec.py --train_tsv=data/music/train.tsv
+Quickstart (CPU): python data/synth.py synth --hours 0.5 && python pretrain_music2vec.py config/quickstart_music2vec.py
+One node, 8 GPUs: torchrun --standalone --nproc_per_node=8 pretrain_music2vec.py --train_tsv=...
+Two nodes:        torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+                      --rdzv_id=music2vec pretrain_music2vec.py ...     (the same command on both nodes)
+A run resumes from the newest checkpoint in out_dir; SIGTERM saves one and exits.
+"""
+import copy
+import dataclasses
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import training
+from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, span_mask
+
+# -----------------------------------------------------------------------------------------------------------------
+# Hyperparameters: the paper's vanilla Music2Vec (95M data2vec-audio encoder, 30 s clips, mask 0.65 / span 10,
+# target = mean of the teacher's top-8 layers, 400k updates) on the data2vec 1.0 audio base recipe (L2 regression of
+# instance-normalised FFN outputs, EMA 0.999 -> 0.9999 over 30k updates, Adam(W) 5e-4, tri-stage 3/90/7 %).
+# The ablations of the paper's Table 3 are one override away: --mask_length, --mask_prob, --top_k_layers=12,
+# --crop_seconds=5, --max_steps; --loss_beta > 0 switches to smooth L1.
+# data
+train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
+crop_seconds = 30.0  # Music2Vec: 30 s of context (data2vec speech: 20 s); batches are cut to their shortest clip
+min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
+pad_batches = False  # False: cut every clip of a batch to the shortest (fairseq); True: zero-pad to the longest
+batch_size = 4  # clips per micro-batch per rank
+grad_accum = 32  # micro-batches per update over ALL ranks, divided by the world size (nanoGPT's convention): the
+#                  default update is 32 x 4 x 30 s = 64 min of audio on any number of GPUs (data2vec base: 63 min)
+group_by_length = True  # batch clips of similar length
+num_workers = 4
+skip_bad_audio = False  # False: an unreadable clip stops the run; True: log it and use another clip
+# model (EncoderConfig.data2vec_base: LayerNorm convs, 5 x k19 positional convs, waveform normalisation)
+layers = 12
+dim = 768
+heads = 12
+ffn = 3072
+conv_channels = 512  # channels of the 7 conv front-end layers (base: 512; the CPU quickstart uses fewer)
+dropout = 0.1
+attention_dropout = 0.1
+layerdrop = 0.05
+# objective (data2vec_audio.py, base_librispeech.yaml)
+mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
+mask_length = 10
+min_masks = 1
+top_k_layers = 8  # targets = mean of the teacher's top-K layers (Music2Vec ablation: 12 = all layers)
+loss_beta = 0.0  # 0 = squared error, as released; > 0 = smooth L1 with this beta
+ema_decay_start = 0.999
+ema_decay_end = 0.9999
+ema_anneal_steps = 30_000  # the decay rises linearly over these updates, then is held
+collapse_check_after = 5_000  # updates; the reference checks for collapse only after 5k updates
+min_target_std = 0.1  # data2vec min_target_var (a standard deviation despite the name)
+min_pred_std = 0.01  # data2vec min_pred_var
+# optimisation
+learning_rate = 5e-4
+max_steps = 400_000
+warmup_frac = 0.03  # tri-stage: linear warm-up from 1 % of the peak, hold, exponential decay to 1 %
+hold_frac = 0.90
+decay_frac = 0.07
+betas = (0.9, 0.98)
+adam_eps = 1e-6
+weight_decay = 0.01
+grad_clip = 0.0  # data2vec: none (0 = no clipping)
+max_nonfinite_in_row = 10  # consecutive non-finite losses (skipped updates) before the run stops
+# system
+out_dir = "out/music2vec"
+resume = True  # continue from the newest checkpoint in out_dir when there is one
+seed = 1337
+device = "auto"  # auto | cuda | cpu
+dtype = "bfloat16"  # autocast dtype on GPU (bfloat16 | float32); CPU runs in float32; the teacher is kept in float32
+compile = False  # torch.compile the student
+log_interval = 100
+ckpt_interval = 5000
+keep_last = 3
+stop_at_step = 0  # save and exit after this many updates (0 = run to max_steps); the schedule still ends at max_steps
+tensorboard = False  # also write scalars to out_dir/tb (needs the tensorboard package)
+peak_flops = 0.0  # peak FLOP/s of one device for MFU when the GPU is not in training.PEAK_BF16_FLOPS
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def ema_decay_at(step, start=None, end=None, anneal_steps=None):
+    """EMA decay after `step` optimizer updates: linear from `start` to `end` over `anneal_steps`, then held
+    (data2vec `get_annealed_rate`: end - (end - start) * (1 - step / anneal_steps))."""
+    start = ema_decay_start if start is None else start
+    end = ema_decay_end if end is None else end
+    anneal_steps = ema_anneal_steps if anneal_steps is None else anneal_steps
+    if step >= anneal_steps:
+        return end
+    return end - (end - start) * (1.0 - step / anneal_steps)
+
+
+def make_teacher(transformer):
+    """The EMA teacher: a float32 copy of the student's transformer (pos conv stack + encoder LayerNorm + layers).
+    data2vec `ema_transformer_only`: the conv front end and projection are shared, not copied."""
+    teacher = copy.deepcopy(transformer).float().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def copied_param_names(transformer):
+    """Parameters the teacher copies from the student instead of averaging: the positional convolution
+    (data2vec `ema_layers_only` adds every `pos_conv.*` key to the EMA's skip_keys)."""
+    return {name for name, _ in transformer.named_parameters() if "pos_conv" in name}
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay, copied=()):
+    """theta_t <- decay * theta_t + (1 - decay) * theta_s for every parameter, except names in `copied`, which are
+    copied; buffers are copied (fairseq EMAModule.step). The teacher stays float32 whatever the student's dtype."""
+    student_params = dict(student.named_parameters())
+    averaged_t, averaged_s = [], []
+    for name, p_t in teacher.named_parameters():
+        p_s = student_params[name].detach().float()
+        if name in copied:
+            p_t.copy_(p_s)
+        else:
+            averaged_t.append(p_t)
+            averaged_s.append(p_s)
+    if averaged_t:  # one fused kernel per op instead of two launches per tensor (~200 tensors at base size)
+        torch._foreach_mul_(averaged_t, decay)
+        torch._foreach_add_(averaged_t, averaged_s, alpha=1.0 - decay)
+    student_buffers = dict(student.named_buffers())
+    for name, b_t in teacher.named_buffers():
+        b_t.copy_(student_buffers[name])
+
+
+def instance_norm_valid(x, valid, eps=1e-5):
+    """Normalise every channel of every clip over its valid frames (x: B x T x C, valid: B x T bool), in float32.
+    Equals F.instance_norm on each clip cut to its length; padded frames neither enter the statistics nor leave
+    the function non-zero. (fairseq normalises over the padded length too; with padding that leaks.)"""
+    x = x.float()
+    w = valid.to(x.dtype)[:, :, None]  # B x T x 1
+    count = w.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * w).sum(1, keepdim=True) / count
+    var = (((x - mean) * w) ** 2).sum(1, keepdim=True) / count  # biased, as F.instance_norm
+    return (x - mean) * torch.rsqrt(var + eps) * w
+
+
+def build_targets(ffn_outputs, padding_mask, top_k):
+    """data2vec targets: each of the top-K teacher layers' FFN outputs (before the residual and the layer's final
+    LayerNorm), instance-normalised over time per clip, then averaged. ffn_outputs: list (one per layer) of
+    B x T x C; padding_mask: B x T bool (True = padded) or None. Returns B x T x C float32 (zero at padding)."""
+    if not 1 <= top_k <= len(ffn_outputs):
+        raise ValueError(f"top_k_layers={top_k} but the teacher has {len(ffn_outputs)} layers")
+    first = ffn_outputs[0]
+    valid = (torch.ones(first.shape[:2], dtype=torch.bool, device=first.device) if padding_mask is None
+             else ~padding_mask)
+    target = None
+    for layer_out in ffn_outputs[-top_k:]:
+        y = instance_norm_valid(layer_out, valid)
+        target = y if target is None else target + y
+    return target / top_k
+
+
+def regression_loss(pred, target, beta):
+    """Per-frame data2vec loss (pred, target: M x C): squared error summed over channels (beta = 0, as released) or
+    smooth L1 with that beta, scaled by 1/sqrt(C) (data2vec `loss_scale=None`)."""
+    pred, target = pred.float(), target.float()
+    if beta == 0:
+        per_dim = F.mse_loss(pred, target, reduction="none")
+    else:
+        per_dim = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
+    return per_dim.sum(-1) / math.sqrt(pred.shape[-1])
+
+
+def std_stats(y):
+    """[rows, per-channel sums, per-channel sums of squares] (float64) of y (M x C): summed over micro-batches and
+    ranks, they give channel_std of the whole global batch."""
+    y = y.detach().double().reshape(-1, y.shape[-1])
+    return torch.cat([y.new_tensor([y.shape[0]]), y.sum(0), (y * y).sum(0)])
+
+
+def channel_std(stats):
+    """Standard deviation of each channel over the rows, averaged over channels: what data2vec logs as
+    target_var / pred_var and checks for collapse (sqrt(unbiased var + 1e-6), mean over channels)."""
+    C = (stats.shape[0] - 1) // 2
+    n, s, ss = stats[0], stats[1:1 + C], stats[1 + C:]
+    var = (ss - s * s / n.clamp_min(1.0)) / (n - 1).clamp_min(1.0)
+    return float(torch.sqrt(var.clamp_min(0.0) + 1e-6).mean())
+
+
+class CollapseError(RuntimeError):
+    pass
+
+
+def check_collapse(step, target_std, pred_std):
+    """Stop with a clear message when the representation has collapsed (data2vec's min_target_var/min_pred_var,
+    checked only after the first collapse_check_after updates). Every rank sees the same global figures."""
+    if step < collapse_check_after:
+        return
+    if target_std < min_target_std or pred_std < min_pred_std:
+        raise CollapseError(
+            f"step {step}: representation collapse: target std {target_std:.4f} (min {min_target_std}), "
+            f"prediction std {pred_std:.4f} (min {min_pred_std}). Lower the learning rate or the EMA decay, or "
+            f"resume from an earlier checkpoint; thresholds: --min_target_std / --min_pred_std.")
+
+
+class Music2VecStudent(nn.Module):
+    """The trained part: the encoder and the regression head (data2vec `final_proj`, Linear dim -> dim).
+    forward returns the predictions at the masked frames and, for the teacher, the unmasked projected features."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.final_proj = nn.Linear(encoder.cfg.dim, encoder.cfg.dim)
+
+    def forward(self, wav, lengths, mask):
+        x, padding_mask, _ = self.encoder.embed(wav, lengths)
+        teacher_input = x.detach()  # data2vec `pre_encoder_features`: before dropout_input and masking
+        x = F.dropout(x, self.encoder.cfg.dropout_input, self.training)
+        x = torch.where(mask[:, :, None], self.encoder.mask_emb.to(x.dtype), x)
+        hidden_states, _ = self.encoder.transformer(x, padding_mask)
+        pred = self.final_proj(hidden_states[-1][mask])
+        return pred, teacher_input, padding_mask
+
+
+def mask_for(batch_shape, frame_lengths, step, global_micro):
+    """The span mask of one micro-batch, a pure function of (seed, update, global micro-batch index, shape): the
+    same on any number of ranks and after a resume (rank r's m-th micro-batch of an update has global index
+    m * world_size + r, which is the batch ClipBatchSampler gives it). Padded batches mask each row on its own
+    (same_count=False), otherwise the shortest clip would set the masked count of every row (spec §2)."""
+    key = np.random.SeedSequence([seed, step, global_micro]).generate_state(2)
+    g = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+    return span_mask(batch_shape, mask_prob, mask_length, min_masks=min_masks, lengths=frame_lengths,
+                     same_count=frame_lengths is None, generator=g)
+
+
+def training_flops_per_clip(cfg, num_samples):
+    """Student forward + backward (~3x its forward) plus the teacher's forward, which skips the conv front end and
+    projection (shared with the student)."""
+    full = training.encoder_flops(cfg, num_samples)
+    front_end = training.encoder_flops(dataclasses.replace(cfg, layers=0, pos_conv_kernel=0), num_samples)
+    return 3 * full + (full - front_end)
+
+
+def main():
+    training.configure(globals())
+    info = training.setup_distributed(device)
+    master = info.is_master
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"error: dtype={dtype!r}: use bfloat16 or float32 (float16 would need loss scaling)")
+    if grad_accum % info.world_size:
+        raise SystemExit(f"error: grad_accum={grad_accum} must be a multiple of the world size {info.world_size}")
+    if not 1 <= top_k_layers <= layers:
+        raise SystemExit(f"error: top_k_layers={top_k_layers} must be between 1 and layers={layers}")
+    accum = grad_accum // info.world_size
+    use_cuda = info.device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if use_cuda and dtype != "float32" \
+        else nullcontext()
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data: everything that can be wrong with it fails here, before the first update ---
+    from data.audio import AudioError
+    from data.dataset import AudioClips, ClipBatchSampler, collate_crop, collate_pad, make_loader
+    from data.manifest import ManifestError, read_manifest
+    try:
+        dataset = AudioClips(read_manifest(train_tsv), crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio,
+                             seed=seed)
+    except (OSError, ManifestError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    sampler = ClipBatchSampler(dataset.lengths, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed,
+                               group_by_length=group_by_length)
+    loader = make_loader(dataset, sampler, collate_pad if pad_batches else collate_crop, num_workers=num_workers,
+                         seed=seed)
+
+    # --- student, teacher, optimizer ---
+    conv_layers = tuple((conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS)
+    enc_cfg = EncoderConfig.data2vec_base(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_layers=conv_layers,
+                                          dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop)
+    torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
+    model = Music2VecStudent(Encoder(enc_cfg)).to(info.device)
+    # data2vec creates the teacher as a copy of the initial student (first set_num_updates call)
+    teacher = make_teacher(model.encoder.transformer)
+    torch.manual_seed(seed + info.rank)  # dropout differs per rank; masks and crops do not depend on it
+    copied = copied_param_names(model.encoder.transformer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=adam_eps,
+                                  weight_decay=weight_decay)  # fairseq Adam: decoupled decay on every parameter
+    step, epoch, batch_in_epoch = 0, 0, 0
+    guard = training.NonFiniteGuard(max_nonfinite_in_row)
+    ckpt_path = training.latest_checkpoint(out_dir) if resume else None
+    ckpt = None
+    if ckpt_path:
+        ckpt = training.load_checkpoint(ckpt_path)
+        model.encoder.load_state_dict(ckpt["encoder"])
+        model.final_proj.load_state_dict(ckpt["final_proj"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        guard.load_state_dict(ckpt["nonfinite"])
+        step, epoch = ckpt["step"], ckpt["data"]["epoch"]
+        # batches are counted over all ranks, so a resume on another number of ranks starts at the right place
+        batch_in_epoch = ckpt["data"]["global_batches_in_epoch"] // info.world_size
+        if master:
+            print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    if master:
+        print(f"encoder {n_params / 1e6:.2f}M parameters, targets = mean of the top {top_k_layers} of {layers} "
+              f"teacher layers, {len(dataset)} clips, {info.world_size} rank(s) x {accum} micro-batches x "
+              f"{batch_size} clips per update")
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if info.ddp:
+        # The teacher stays outside DDP: its updates are identical on every rank. LayerDrop draws are shared by all
+        # ranks (model.py) but skipped layers get no gradient, hence find_unused_parameters.
+        model = DDP(model, device_ids=[info.local_rank] if use_cuda else None,
+                    find_unused_parameters=layerdrop > 0)
+
+    # --- the loop ---
+    stop = training.StopSignal()
+    peak = training.peak_flops_per_s(info.device, peak_flops)
+    peak_total = peak * info.world_size if peak else None
+    meter = training.Throughput()
+    interval = torch.zeros(2, dtype=torch.float64)  # loss sum, masked frames since the last log line
+    from tqdm import tqdm
+    progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    logger = training.TrainLogger(master, os.path.join(out_dir, "tb") if tensorboard else None, progress.write)
+
+    def start_epoch():
+        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
+        dataset.set_epoch(epoch)
+        return iter(loader)
+
+    batches = start_epoch()
+    if ckpt is not None:  # after the loader iterator: creating it draws from torch's RNG, as it did in the first run
+        training.set_rng_state(ckpt["rng"][info.rank] if len(ckpt["rng"]) == info.world_size else ckpt["rng"][0])
+        raw_model.encoder.transformer.layerdrop_rng.set_state(ckpt["layerdrop_rng"])
+        ckpt = None
+
+    def next_batch():
+        nonlocal batches, epoch, batch_in_epoch
+        while True:
+            try:
+                batch = next(batches)
+                batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                epoch, batch_in_epoch = epoch + 1, 0
+                batches = start_epoch()
+
+    saved_step = step if ckpt_path else -1
+
+    def save():
+        nonlocal saved_step
+        if saved_step == step:
+            return
+        saved_step = step
+        rng = [None] * info.world_size
+        if info.ddp:
+            dist.all_gather_object(rng, training.rng_state())
+        else:
+            rng = [training.rng_state()]
+        if master:
+            state = {"encoder_config": dataclasses.asdict(enc_cfg), "encoder": raw_model.encoder.state_dict(),
+                     "final_proj": raw_model.final_proj.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
+                     "layerdrop_rng": raw_model.encoder.transformer.layerdrop_rng.get_state(),
+                     "data": {"epoch": epoch, "global_batches_in_epoch": batch_in_epoch * info.world_size},
+                     "nonfinite": guard.state_dict(), "config": training.config_snapshot(globals())}
+            path = training.save_checkpoint(state, out_dir, step, keep_last)
+            progress.write(f"saved {path}")
+        if info.ddp:
+            dist.barrier()
+
+    model.train()
+    try:
+        while step < max_steps:
+            if stop.should_stop(info) or (stop_at_step and step >= stop_at_step):
+                if stop.requested and master:
+                    progress.write(f"SIGTERM: saving at step {step} and exiting")
+                save()
+                break
+            lr = training.tri_stage_lr(step, learning_rate, max_steps, warmup_frac, hold_frac, decay_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # the micro-batches of this update with their masks, so that the loss can be normalised by the masked
+            # frames of the whole global batch before the first backward (fairseq's sample_size)
+            micro = []
+            for m in range(accum):
+                batch = next_batch()
+                wav, lengths = batch["wav"], batch["lengths"]
+                frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
+                mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,
+                                m * info.world_size + info.rank)
+                micro.append((wav, lengths, mask))
+            masked = sum(int(mk.sum()) for _, _, mk in micro)
+            global_masked = training.all_reduce_sum(torch.tensor([float(masked)], dtype=torch.float64,
+                                                                 device=info.device)).item()
+
+            # loss sum, masked frames, clips, samples, training FLOPs; then target and prediction std statistics
+            stats = torch.zeros(5 + 2 * (1 + 2 * dim), dtype=torch.float64, device=info.device)
+            stats[1:5] = torch.tensor([float(masked), sum(w.shape[0] for w, _, _ in micro),
+                                       sum(w.numel() for w, _, _ in micro),
+                                       sum(w.shape[0] * training_flops_per_clip(enc_cfg, w.shape[1])
+                                           for w, _, _ in micro)], dtype=torch.float64)
+            for m, (wav, lengths, mask) in enumerate(micro):
+                wav, mask = wav.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
+                sync = nullcontext() if (not info.ddp or m == accum - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        pred, teacher_input, padding_mask = model(wav, lengths, mask)
+                        with torch.no_grad():  # data2vec: the teacher sees the unmasked features, in eval mode
+                            _, ffn_out = teacher(teacher_input, padding_mask, ffn_outputs=True)
+                    target = build_targets(ffn_out, padding_mask, top_k_layers)[mask]
+                    loss_sum = regression_loss(pred, target, loss_beta).sum()
+                    # fairseq: regression sum / global sample_size; DDP averages over ranks, hence world_size
+                    (loss_sum * (info.world_size / max(global_masked, 1.0))).backward()
+                stats[0] += loss_sum.detach().double()
+                stats[5:] += torch.cat([std_stats(target), std_stats(pred)])
+            stats = training.all_reduce_sum(stats).cpu()
+            target_std, pred_std = channel_std(stats[5:6 + 2 * dim]), channel_std(stats[6 + 2 * dim:])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+            finite = math.isfinite(stats[0].item()) and bool(torch.isfinite(grad_norm))
+            applied = guard.ok(finite, step)
+            if applied:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            decay = ema_decay_at(step)
+            if applied:  # data2vec: one EMA step per optimizer update, after it
+                ema_update(teacher, raw_model.encoder.transformer, decay, copied)
+            progress.update(1)
+            if finite:
+                interval += stats[:2]
+                check_collapse(step, target_std, pred_std)
+            meter.add(int(stats[2]), int(stats[3]), float(stats[4]))
+
+            if step % log_interval == 0 or step == max_steps:
+                metrics = {"loss": interval[0].item() / max(interval[1].item(), 1.0), "target_std": target_std,
+                           "pred_std": pred_std, "ema": decay, "lr": lr, "grad_norm": float(grad_norm)}
+                metrics.update(meter.read(peak_total))
+                metrics["skipped"] = guard.total
+                logger.log(step, metrics)
+                interval.zero_()
+            if step % ckpt_interval == 0 or step == max_steps:
+                save()
+    except AudioError as e:
+        # raised in a loader worker: DataLoader re-raises it with the worker's traceback; keep the useful line
+        line = str(e).strip().splitlines()[-1]
+        line = line.split("AudioError: ", 1)[-1]
+        raise SystemExit(f"error: {line}\nset skip_bad_audio=True to log and skip unreadable clips, or fix the "
+                         f"manifest; the run resumes from the last checkpoint in {out_dir}") from None
+    except CollapseError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        progress.close()
+        logger.close()
+    training.cleanup_distributed(info)
+
+
+if __name__ == "__main__":
+    main()
