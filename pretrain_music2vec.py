@@ -333,27 +333,11 @@ def main():
     progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     logger = training.TrainLogger(master, os.path.join(out_dir, "tb") if tensorboard else None, progress.write)
 
-    def start_epoch():
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-        dataset.set_epoch(epoch)
-        return iter(loader)
-
-    batches = start_epoch()
+    stream = training.BatchStream(loader, sampler, dataset, epoch, batch_in_epoch)
     if ckpt is not None:  # after the loader iterator: creating it draws from torch's RNG, as it did in the first run
         training.set_rng_state(ckpt["rng"][info.rank] if len(ckpt["rng"]) == info.world_size else ckpt["rng"][0])
         raw_model.encoder.transformer.layerdrop_rng.set_state(ckpt["layerdrop_rng"])
         ckpt = None
-
-    def next_batch():
-        nonlocal batches, epoch, batch_in_epoch
-        while True:
-            try:
-                batch = next(batches)
-                batch_in_epoch += 1
-                return batch
-            except StopIteration:
-                epoch, batch_in_epoch = epoch + 1, 0
-                batches = start_epoch()
 
     saved_step = step if ckpt_path else -1
 
@@ -362,17 +346,13 @@ def main():
         if saved_step == step:
             return
         saved_step = step
-        rng = [None] * info.world_size
-        if info.ddp:
-            dist.all_gather_object(rng, training.rng_state())
-        else:
-            rng = [training.rng_state()]
+        rng = training.gather_rng_states(info)
         if master:
             state = {"encoder_config": dataclasses.asdict(enc_cfg), "encoder": raw_model.encoder.state_dict(),
                      "final_proj": raw_model.final_proj.state_dict(), "teacher": teacher.state_dict(),
                      "optimizer": optimizer.state_dict(), "step": step, "rng": rng,
                      "layerdrop_rng": raw_model.encoder.transformer.layerdrop_rng.get_state(),
-                     "data": {"epoch": epoch, "global_batches_in_epoch": batch_in_epoch * info.world_size},
+                     "data": stream.position(info.world_size),
                      "nonfinite": guard.state_dict(), "config": training.config_snapshot(globals())}
             path = training.save_checkpoint(state, out_dir, step, keep_last)
             progress.write(f"saved {path}")
@@ -395,7 +375,7 @@ def main():
             # frames of the whole global batch before the first backward (fairseq's sample_size)
             micro = []
             for m in range(accum):
-                batch = next_batch()
+                batch = stream.next()
                 wav, lengths = batch["wav"], batch["lengths"]
                 frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
                 mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,

@@ -302,27 +302,11 @@ def main():
     logger = training.TrainLogger(master, os.path.join(out_dir, "tb") if tensorboard else None, progress.write,
                                   jsonl_path=os.path.join(out_dir, "log.jsonl"))
 
-    def start_epoch():
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-        dataset.set_epoch(epoch)
-        return iter(loader)
-
-    batches = start_epoch()
+    stream = training.BatchStream(loader, sampler, dataset, epoch, batch_in_epoch)
     if ckpt is not None:  # after the loader iterator: creating it draws from torch's RNG, as it did in the first run
         training.set_rng_state(ckpt["rng"][info.rank] if len(ckpt["rng"]) == info.world_size else ckpt["rng"][0])
         raw_model.encoder.transformer.layerdrop_rng.set_state(ckpt["layerdrop_rng"])
         ckpt = None
-
-    def next_batch():
-        nonlocal batches, epoch, batch_in_epoch
-        while True:
-            try:
-                batch = next(batches)
-                batch_in_epoch += 1
-                return batch
-            except StopIteration:
-                epoch, batch_in_epoch = epoch + 1, 0
-                batches = start_epoch()
 
     saved_step = step if ckpt_path else -1
 
@@ -331,17 +315,13 @@ def main():
         if saved_step == step:
             return
         saved_step = step
-        rng = [None] * info.world_size
-        if info.ddp:
-            dist.all_gather_object(rng, training.rng_state())
-        else:
-            rng = [training.rng_state()]
+        rng = training.gather_rng_states(info)
         if master:
             state = {"encoder_config": dataclasses.asdict(enc_cfg), "encoder": raw_model.encoder.state_dict(),
                      "final_proj": raw_model.final_proj.state_dict(), "label_embs": raw_model.label_embs.detach(),
                      "num_classes": num_classes, "label_rate": label_rate, "optimizer": optimizer.state_dict(),
                      "step": step, "rng": rng, "layerdrop_rng": raw_model.encoder.transformer.layerdrop_rng.get_state(),
-                     "data": {"epoch": epoch, "global_batches_in_epoch": batch_in_epoch * info.world_size},
+                     "data": stream.position(info.world_size),
                      "nonfinite": guard.state_dict(), "config": training.config_snapshot(globals())}
             path = training.save_checkpoint(state, out_dir, step, keep_last)
             progress.write(f"saved {path}")
@@ -364,7 +344,7 @@ def main():
             # by the masked frames of the whole global batch before the first backward (fairseq's sample_size)
             micro = []
             for m in range(accum):
-                batch = next_batch()
+                batch = stream.next()
                 wav = batch["wav"]
                 targets = align_labels(batch["labels"], raw_model.encoder.num_frames(wav.shape[1]), label_rate)
                 mask = mask_for(targets.shape, step, m * info.world_size + info.rank)

@@ -275,6 +275,44 @@ def load_checkpoint(path, map_location="cpu"):
 # ----------------------------------------------------------------------------------------------------------------
 # RNG state for exact resume
 
+class BatchStream:
+    """Batches from `loader` across epochs, counting (epoch, batch in epoch): a checkpoint records that position
+    and a resumed run skips exactly the batches it already consumed (ClipBatchSampler's start_batch)."""
+
+    def __init__(self, loader, sampler, dataset, epoch=0, batch_in_epoch=0):
+        self.loader, self.sampler, self.dataset = loader, sampler, dataset
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._batches = self._start_epoch()
+
+    def _start_epoch(self):
+        self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        self.dataset.set_epoch(self.epoch)  # before iter(): the loader's workers copy the dataset then
+        return iter(self.loader)
+
+    def next(self):
+        while True:
+            try:
+                batch = next(self._batches)
+                self.batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._batches = self._start_epoch()
+
+    def position(self, world_size):
+        """The checkpoint's "data" entry; batches are counted over all ranks."""
+        return {"epoch": self.epoch, "global_batches_in_epoch": self.batch_in_epoch * world_size}
+
+
+def gather_rng_states(info):
+    """Every rank's RNG states in rank order (on every rank), for the checkpoint."""
+    if not info.ddp:
+        return [rng_state()]
+    states = [None] * info.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def rng_state():
     """Every RNG the training loop draws from: python `random`, numpy's global RNG, torch CPU and all CUDA devices."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
