@@ -304,7 +304,7 @@ def main():
 
     stream = training.BatchStream(loader, sampler, dataset, epoch, batch_in_epoch)
     if ckpt is not None:  # after the loader iterator: creating it draws from torch's RNG, as it did in the first run
-        training.set_rng_state(ckpt["rng"][info.rank] if len(ckpt["rng"]) == info.world_size else ckpt["rng"][0])
+        training.set_rank_rng_state(ckpt["rng"], info)
         raw_model.encoder.transformer.layerdrop_rng.set_state(ckpt["layerdrop_rng"])
         ckpt = None
 

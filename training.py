@@ -304,6 +304,11 @@ class BatchStream:
         return {"epoch": self.epoch, "global_batches_in_epoch": self.batch_in_epoch * world_size}
 
 
+def set_rank_rng_state(states, info):
+    """Restore this rank's states from gather_rng_states' list (rank 0's when the world size has changed)."""
+    set_rng_state(states[info.rank] if len(states) == info.world_size else states[0])
+
+
 def gather_rng_states(info):
     """Every rank's RNG states in rank order (on every rank), for the checkpoint."""
     if not info.ddp:
