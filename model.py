@@ -350,27 +350,32 @@ class Encoder(nn.Module):
 # ------------------------------------------------------------------------------------------------------------------
 # Span masking (fairseq data_utils.compute_mask_indices, mask_type static, no_overlap False), vectorised in torch.
 
-def _distinct_uniform(n, k, rand):
-    """Per row b, k[b] distinct integers drawn uniformly from [0, n[b]) (a uniform random subset), as a B x max(k)
-    tensor whose slots j >= k[b] hold -1. Draws with replacement and redraws the repeats until none are left: each
-    accepted value is uniform over the values not yet taken, so the subset is uniform (as numpy's choice without
-    replacement), at the cost of ~k random numbers per row instead of n."""
-    B, kmax = k.shape[0], int(k.max()) if k.numel() else 0
-    slot = torch.arange(kmax, device=n.device)[None, :]
-    active = slot < k[:, None]
-    sentinel = n.max() + 1 + slot.expand(B, kmax)  # unique placeholders for unused slots
-    x = torch.where(active, (rand(B, kmax) * n[:, None]).long(), sentinel)
-    owner = torch.empty(B, int(sentinel.max()) + 1, dtype=torch.long, device=n.device)
-    slots = slot.expand(B, kmax)
+def _distinct_uniform(n, k, rand, scratch, allowed=None, allowed_count=None):
+    """Per row b, k[b] distinct integers drawn uniformly from [0, n[b]) (a uniform random k-subset, as numpy's
+    choice without replacement) or, given the B x W bool table `allowed` (W > max n; row sums `allowed_count`),
+    from the allowed ones among them. Each row draws with replacement and keeps the first k[b] distinct allowed
+    values in draw order: sequential sampling without replacement, so by symmetry every k-subset is equally likely.
+    Every row draws M = max over rows of 1.25 k n / (allowed count) + 16 values (about k per row instead of n); if a
+    row still falls short, all draw twice as many. `scratch`: an int32 buffer of at least B x W elements (B x (max
+    n + 1) without `allowed`), overwritten. Returns (values, keep), both B x M: the subsets are values[keep]."""
+    B, device = k.shape[0], k.device
+    c = allowed_count if allowed is not None else n
+    M = int((k * n / c.clamp_min(1)).max()) * 5 // 4 + 16
+    width = allowed.shape[1] if allowed is not None else int(n.max()) + 1
+    offset = torch.arange(0, B * width, width, device=device)[:, None]
+    value = (rand(B, M) * n[:, None]).long()
     while True:
-        # each value is owned by the first slot holding it (an order of slots, never of values, so the accepted set
-        # stays uniform; amin keeps it deterministic on GPUs too); the other slots holding that value draw again
-        owner.fill_(kmax).scatter_reduce_(1, x, slots, reduce="amin")
-        repeat = owner.gather(1, x) != slots
-        if not bool(repeat.any()):
-            break
-        x = torch.where(repeat, (rand(B, kmax) * n[:, None]).long(), x)
-    return torch.where(active, x, -1)
+        slot = torch.arange(value.shape[1], device=device, dtype=torch.int32).expand_as(value)
+        # a slot is new if it is its value's first slot (amin over slots: deterministic on GPUs too)
+        owner = scratch[:B * width].fill_(value.shape[1])
+        owner.scatter_reduce_(0, (value + offset).view(-1), slot.reshape(-1), "amin")
+        first = owner.view(B, width).gather(1, value) == slot
+        if allowed is not None:
+            first &= allowed.gather(1, value)
+        seen = first.cumsum(1)  # distinct allowed values among the row's slots so far
+        if bool((seen[:, -1] >= k).all()):
+            return value, first & (seen <= k[:, None])
+        value = torch.cat([value, (rand(B, value.shape[1]) * n[:, None]).long()], 1)  # rare: draw twice as many
 
 
 def span_mask(shape, mask_prob, mask_length, min_masks=2, lengths=None, same_count=True, generator=None,
@@ -385,29 +390,33 @@ def span_mask(shape, mask_prob, mask_length, min_masks=2, lengths=None, same_cou
     B, T = shape
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
+    if B == 0 or T == 0:
+        return torch.zeros(B, T, dtype=torch.bool, device=device)
     rand = lambda *s: torch.rand(*s, generator=generator, device=device)
     sz = torch.full((B,), T, device=device, dtype=torch.long) if lengths is None else lengths.to(device).long()
-    num = torch.floor(mask_prob * sz.float() / mask_length + rand(B)).long().clamp_min(min_masks)
+    num = (sz * (mask_prob / mask_length) + rand(B)).long().clamp_min(min_masks)  # floor: both terms >= 0
     span_range = sz - mask_length
     span_range = torch.where(span_range <= num, num + 1, span_range)  # fairseq: min_len <- sz - num - 1
-    starts = _distinct_uniform(span_range, num, rand)  # B x k, -1 = unused
-    # frame t is masked when a start lies in (t - mask_length, t]: a running count of starts, differenced
-    marks = torch.zeros(B, T + 1, dtype=torch.long, device=device)
-    marks = marks.scatter_(1, torch.where(starts >= 0, starts, T), 1)[:, :T].cumsum(1)
-    marks[:, mask_length:] -= marks[:, :-mask_length].clone()
-    mask = marks > 0
-    if lengths is not None:
-        mask &= torch.arange(T, device=device)[None, :] < sz[:, None]
+    W = T + 1  # one column more than the frames: see below
+    buf = torch.empty(B * max(W, int(span_range.max()) + 1) + 1, dtype=torch.int32, device=device)  # scratch
+    start, keep = _distinct_uniform(span_range, num, rand, buf)
+    # +1 where a span starts, -1 where it ends (both clipped to the row's length; draws not kept add 0): the running
+    # sum counts the spans covering each frame. It never exceeds mask_length, so int16 does on CPU (half the memory
+    # traffic of int32). Column T is never covered.
+    small = torch.int16 if torch.device(device).type == "cpu" and mask_length < 2 ** 15 else torch.int32
+    step = keep.to(small)
+    cover = buf.view(small)[:B * W].zero_().view(B, W)
+    cover.scatter_add_(1, torch.minimum(start, sz[:, None]), step)
+    cover.scatter_add_(1, torch.minimum(start + mask_length, sz[:, None]), -step)
+    mask = cover.cumsum_(1).bool()  # (.bool(): much faster than > 0 on CPU)
     if same_count and B > 1:  # unmask random frames until every row has the batch's smallest count
-        counts = mask.sum(1)
+        counts = mask.count_nonzero(1)
         extra = counts - counts.min()
-        if int(extra.max()) > 0:
-            drop_rank = _distinct_uniform(counts, extra, rand)  # which of the row's masked frames to drop
-            columns = mask.nonzero()[:, 1]  # masked frames, row after row
-            first = counts.cumsum(0) - counts
-            drop = columns[torch.where(drop_rank >= 0, first[:, None] + drop_rank, 0)]
-            mask = F.pad(mask, (0, 1)).scatter_(1, torch.where(drop_rank >= 0, drop, T), False)[:, :T]
-    return mask
+        if int(extra.max()) > 0:  # a uniform subset of each row's masked frames, drawn among [0, T_valid)
+            frame, keep = _distinct_uniform(sz, extra, rand, buf, allowed=mask, allowed_count=counts)
+            row = torch.arange(0, B * W, W, device=device)[:, None]  # draws not kept unmask column T
+            mask.view(-1).index_fill_(0, (row + torch.where(keep, frame, T)).view(-1), False)
+    return mask[:, :T]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Span-mask generation: our vectorised torch `span_mask` against a per-row numpy loop with fairseq's semantics.
 
-    python bench/masking.py [--batch 64 --frames 1500 --repeat 20 --threads 1]
+    python bench/masking.py [--batch 64 --frames 1500 --repeat 20 --rounds 9 --threads 1]
 
 The loop below is written from the reference's documented behaviour (spec pretrain.md §2: compute_mask_indices,
 static lengths, overlaps allowed, require_same_masks); the tests use it as the statistical reference too.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -47,7 +48,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--frames", type=int, default=1500)
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=20, help="calls per round")
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--mask-prob", type=float, default=0.65)
     ap.add_argument("--mask-length", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the numpy loop runs on one)")
@@ -56,15 +58,18 @@ def main():
     shape = (args.batch, args.frames)
     gen = torch.Generator().manual_seed(0)
 
-    def timed(fn):
-        fn()  # warm-up
-        t = time.perf_counter()
-        for _ in range(args.repeat):
-            fn()
-        return (time.perf_counter() - t) / args.repeat
-
-    t_loop = timed(lambda: span_mask_numpy_loop(shape, args.mask_prob, args.mask_length))
-    t_ours = timed(lambda: span_mask(shape, args.mask_prob, args.mask_length, generator=gen))
+    loop = lambda: span_mask_numpy_loop(shape, args.mask_prob, args.mask_length)
+    ours = lambda: span_mask(shape, args.mask_prob, args.mask_length, generator=gen)
+    loop(), ours()  # warm-up
+    # rounds alternate between the two, so a slow spell of a shared machine hits both; medians of the rounds
+    rounds = {loop: [], ours: []}
+    for _ in range(args.rounds):
+        for fn, times in rounds.items():
+            t = time.perf_counter()
+            for _ in range(args.repeat):
+                fn()
+            times.append((time.perf_counter() - t) / args.repeat)
+    t_loop, t_ours = (statistics.median(rounds[fn]) for fn in (loop, ours))
     print(f"span_mask {args.batch}x{args.frames} p={args.mask_prob} L={args.mask_length} on CPU "
           f"({torch.get_num_threads()} threads)")
     print(f"  numpy per-row loop (fairseq structure):   {t_loop * 1e3:8.2f} ms")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.masking import span_mask_numpy_loop
-from model import Encoder, EncoderConfig, load_pretrained, save_hf, span_mask
+from model import Encoder, EncoderConfig, _distinct_uniform, load_pretrained, save_hf, span_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -298,6 +298,40 @@ def test_span_mask_short_rows_min_masks_and_padding():
     assert abs(tiny.sum(1).float().mean().item() - ref.sum(1).mean()) < 0.5
     few = span_mask((2, 100), 0.0, 10, min_masks=1, same_count=False, generator=g)
     assert (few.sum(1) == 10).all()
+
+
+def _subset_frequencies(n, k, allowed=None, rows=30000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.rand(*s, generator=g)
+    nn, kk = torch.full((rows,), n), torch.full((rows,), k)
+    table = None if allowed is None else torch.tensor(allowed + [False])[None, :].expand(rows, n + 1).contiguous()
+    count = None if table is None else table.sum(1)
+    value, keep = _distinct_uniform(nn, kk, rand, torch.empty(rows * (n + 1), dtype=torch.int32), table, count)
+    assert (keep.sum(1) == k).all()
+    subsets = [tuple(sorted(v[m].tolist())) for v, m in zip(value, keep)]
+    assert all(len(set(s)) == k for s in subsets)
+    return subsets
+
+
+@pytest.mark.parametrize("n,k,allowed", [
+    (6, 3, None),  # 20 subsets
+    (9, 2, [True, False, True, True, False, True, True, False, True]),  # only allowed values, C(6, 2) = 15 subsets
+    (5, 4, None),  # k close to n: the first pool falls short, so the doubling path runs too
+])
+def test_distinct_uniform_draws_every_subset_equally_often(n, k, allowed):
+    import itertools
+    import math
+    subsets = _subset_frequencies(n, k, allowed)
+    pool = range(n) if allowed is None else [v for v in range(n) if allowed[v]]
+    expected = list(itertools.combinations(pool, k))
+    counts = {s: 0 for s in expected}
+    for s in subsets:
+        counts[s] += 1  # a KeyError here is a disallowed value
+    # chi-square against uniform, df = len - 1 (<= 19): 60 is far past the 0.9999 quantile (~ 47)
+    e = len(subsets) / len(expected)
+    chi2 = sum((c - e) ** 2 / e for c in counts.values())
+    assert chi2 < 60, (chi2, counts)
+    assert math.isclose(sum(counts.values()), len(subsets))
 
 
 def test_span_mask_reproducible_from_generator():
