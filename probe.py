@@ -615,7 +615,9 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: the task's)")
     p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per split (quick runs)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="windows per training step (MARBLE: 64)")
-    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--seed", default=str(SEED),
+                   help="seed of the head's init and batches and of --model random's init; a comma-separated list "
+                        "runs each seed (a new random encoder each) and prints mean ± sd over them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU)")
@@ -623,6 +625,13 @@ def parse_args(argv):
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    try:
+        args.seeds = [int(v) for v in args.seed.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--seed {args.seed!r}: expected an integer or a comma-separated list of them")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seed {args.seed!r}: expected distinct integers")
+    args.seed, args.seed_text = args.seeds[0], ",".join(map(str, args.seeds))
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         p.error(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
@@ -634,6 +643,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Runs every (model, seed, task); returns {(task, model, seed): record}."""
     args = parse_args(argv)
     others = [m for m in args.model if m != "random"]
     records = {}
@@ -646,17 +656,28 @@ def main(argv=None):
                 random_cfg = load_model(others[0], None, args.seed)[0].cfg
             else:
                 random_cfg = EncoderConfig.hubert_base()
-        encoder, tag = load_model(spec, random_cfg, args.seed)
-        for task_name in args.tasks:
-            records[task_name, spec] = run(task_name, spec, encoder, tag, args)
+        encoder = None
+        for seed in args.seeds:
+            if encoder is None or spec == "random":  # a random encoder is drawn anew for each seed
+                encoder, tag = load_model(spec, random_cfg, seed)
+            for task_name in args.tasks:
+                records[task_name, spec, seed] = run(task_name, spec, encoder, tag, argparse.Namespace(
+                    **{**vars(args), "seed": seed}))
         del encoder
-    if len(args.model) > 1:  # side by side: one row per task, one column per model
-        width = max(len(m) for m in args.model) + 2
-        print("\n" + "task".ljust(16) + "metric".ljust(12) + "".join(m.rjust(width) for m in args.model))
+    if len(args.model) > 1 or len(args.seeds) > 1:  # one row per task, one column per model
+        many = len(args.seeds) > 1
+        cells = {}
+        for (task_name, spec, _), r in records.items():
+            for metric, value in r["metrics"].items():
+                cells.setdefault((task_name, metric, spec), []).append(value)
+        cell = lambda v: f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if many else f"{v[0]:.4f}"
+        width = max(max(len(m) for m in args.model), 17 if many else 6) + 2
+        print(f"\n{'mean ± sd over seeds ' + args.seed_text if many else ''}".rstrip())
+        print("task".ljust(16) + "metric".ljust(12) + "".join(m.rjust(width) for m in args.model))
         for task_name in args.tasks:
             for metric in TASKS[task_name].metrics:
                 print(task_name.ljust(16) + metric.ljust(12) + "".join(
-                    f"{records[task_name, m]['metrics'][metric]:.4f}".rjust(width) for m in args.model))
+                    cell(cells[task_name, metric, m]).rjust(width) for m in args.model))
     return records
 
 

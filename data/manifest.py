@@ -91,15 +91,20 @@ def _probe(args):
 
 def build_manifest(audio_dir, out, valid_percent=0.0, valid_out=None, extensions=AUDIO_EXTENSIONS, workers=None,
                    seed=0, progress=True):
-    """Write the manifest(s) for audio_dir; returns (train_entries, valid_entries, skipped [(path, reason)])."""
+    """Write the manifest(s) for audio_dir (a folder, or a list of folders: the root is then their deepest common
+    folder and each file appears once); returns (train_entries, valid_entries, skipped [(path, reason)])."""
     from tqdm import tqdm
 
-    if not os.path.isdir(audio_dir):
-        raise FileNotFoundError(f"{audio_dir}: not a folder")
+    dirs = [audio_dir] if isinstance(audio_dir, (str, os.PathLike)) else list(audio_dir)
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{d}: not a folder")
     if not 0 <= valid_percent < 100:
         raise ValueError(f"--valid-percent must be in [0, 100), got {valid_percent}")
-    root = os.path.realpath(audio_dir)
-    rels = find_audio(root, extensions)
+    real = [os.path.realpath(d) for d in dirs]
+    root = os.path.commonpath(real)
+    rels = sorted({os.path.normpath(os.path.join(os.path.relpath(d, root), r))
+                   for d in real for r in find_audio(d, extensions)})
     workers = workers or min(8, os.cpu_count() or 1)
     jobs = [(root, r) for r in rels]
     bar = tqdm(total=len(jobs), desc="reading headers", unit="file", disable=not progress)
@@ -138,7 +143,8 @@ def build_manifest(audio_dir, out, valid_percent=0.0, valid_out=None, extensions
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("audio_dir")
+    p.add_argument("audio_dir", nargs="+", help="one or more folders (searched recursively); with several, the "
+                   "manifest's root is their deepest common folder")
     p.add_argument("--out", required=True, help="manifest to write (e.g. manifests/train.tsv)")
     p.add_argument("--valid-percent", type=float, default=0.0, help="percent of files for the valid manifest")
     p.add_argument("--valid-out", default=None, help="valid manifest path (default: valid.tsv next to --out)")

@@ -151,6 +151,23 @@ def test_manifest_cli_with_valid_split(tmp_path):
     assert read_manifest(tmp_path / "m" / "valid.tsv")[1] == valid  # same seed, same split
 
 
+def test_manifest_of_several_folders_has_their_common_root(tmp_path):
+    songs, notes = tmp_path / "corpus" / "songs", tmp_path / "corpus" / "notes" / "train"
+    for d, names in ((songs, ["b.wav", "a.flac"]), (notes, ["n1.wav"]), (tmp_path / "corpus" / "notes", ["x.wav"])):
+        d.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            sf.write(d / name, _noise(1600 * (i + 1)), 16000)
+    out = str(tmp_path / "m.tsv")
+    # notes/train lies inside notes: its file is listed once; x.wav (in notes, not given) only through notes
+    build_manifest([str(songs), str(notes), str(tmp_path / "corpus" / "notes")], out, workers=1, progress=False)
+    root, entries = read_manifest(out)
+    assert root == os.path.realpath(tmp_path / "corpus")
+    assert entries == [("notes/train/n1.wav", 1600), ("notes/x.wav", 1600), ("songs/a.flac", 3200),
+                       ("songs/b.wav", 1600)]
+    with pytest.raises(FileNotFoundError, match="nowhere: not a folder"):
+        build_manifest([str(songs), str(tmp_path / "nowhere")], out, workers=1, progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ labels
 def test_load_labels_checks_count_and_length(tmp_path):
     entries = [("a.wav", 32000), ("b.wav", 16000)]  # 2 s and 1 s -> 100 and 50 labels at 50 Hz

@@ -31,7 +31,7 @@ def run_cli(tmp_path, task, root, *extra):
             "--cache-dir", str(tmp_path / "cache"), "--results", str(results), "--device", "cpu", *extra]
     records = probe.main(argv)
     lines = [json.loads(line) for line in open(results)]
-    return records[task, "random"], lines
+    return records[task, "random", probe.SEED], lines
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -470,7 +470,7 @@ def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
     out = capsys.readouterr().out
     table = out[out.index("\ntask"):]
     assert str(ckpt) in table and "random" in table and "nsynth_pitch" in table
-    a, b = records["nsynth_pitch", str(ckpt)], records["nsynth_pitch", "random"]
+    a, b = records["nsynth_pitch", str(ckpt), probe.SEED], records["nsynth_pitch", "random", probe.SEED]
     assert a["model_tag"] != b["model_tag"] and b["model_tag"].startswith("random-")
     # random took the checkpoint's architecture: same number of hidden states in the head
     assert len(a["layer_weights"]) == len(b["layer_weights"]) == enc.cfg.layers + 1
@@ -478,3 +478,23 @@ def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
     torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict(), "step": 20}, ckpt)
     os.utime(ckpt, ns=(1, 1))
     assert probe.model_tag(str(ckpt), enc.cfg, 0) != tag
+
+
+def test_several_seeds_give_mean_and_sd(tmp_path, capsys):
+    """--seed 3,4: each seed trains its own head and draws its own random encoder; the table shows mean ± sd."""
+    write_nsynth(tmp_path / "nsynth", per_split=(8, 4, 4))
+    records = probe.main(["--task", "nsynth_pitch", "--model", "random", "--model-config", "tiny", "--data-root",
+                          str(tmp_path / "nsynth"), "--cache-dir", str(tmp_path / "cache"), "--results",
+                          str(tmp_path / "results.jsonl"), "--epochs", "2", "--seed", "3,4"])
+    assert sorted(records) == [("nsynth_pitch", "random", 3), ("nsynth_pitch", "random", 4)]
+    r3, r4 = records["nsynth_pitch", "random", 3], records["nsynth_pitch", "random", 4]
+    assert r3["seed"] == 3 and r4["seed"] == 4 and r3["model_tag"] != r4["model_tag"]  # two random encoders
+    lines = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert [line["seed"] for line in lines] == [3, 4]
+    out = capsys.readouterr().out
+    accs = [r3["metrics"]["acc"], r4["metrics"]["acc"]]
+    assert "mean ± sd over seeds 3,4" in out
+    assert f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}" in out.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--task", "nsynth_pitch", "--model", "random", "--data-root", "x", "--seed", "3,3"])
+
