@@ -571,9 +571,12 @@ def save_kmeans(path, result, features, percent=-1.0, seed=0):
     """km.pt: fit_kmeans' centroids (K x D) and inertia, plus what they were fitted on (features.meta: kind, layer,
     model, label_rate)."""
     k, dim = result["centroids"].shape
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"  # written whole, then renamed: an interrupted save leaves no half-written km.pt
     torch.save({"centroids": result["centroids"], "k": k, "dim": dim, "features": features.meta,
                 "inertia": result["inertia"], "iterations": result["iterations"], "num_points": result["num_points"],
-                "percent": percent, "seed": seed, "split": features.split}, path)
+                "percent": percent, "seed": seed, "split": features.split}, tmp)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

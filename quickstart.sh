@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Quick start's main job, on the CPU in about 6 minutes: a synthetic music corpus, MFCC k-means labels,
+# The Quick start's main job, on the CPU in about 5 minutes: a synthetic music corpus, MFCC k-means labels,
 # a small MusicHuBERT (config/quickstart.py), then probing it against a random encoder on NSynth-style notes.
 set -euo pipefail
 cd "$(dirname "$0")"

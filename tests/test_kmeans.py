@@ -201,8 +201,9 @@ def test_features_fit_label_line_up_with_manifest(tmp_path):
     np.testing.assert_allclose(shard0[sum(frames[:3]):sum(frames[:4])], kmeans.mfcc_features(wav3).numpy(),
                                atol=1e-5)
 
-    km = str(tmp_path / "km.pt")
+    km = str(tmp_path / "new" / "folder" / "km.pt")  # a folder that does not exist yet is made, not a crash at save
     kmeans.main(["fit", feat, "--k", "4", "--out", km])
+    assert not os.path.exists(km + ".tmp")
     saved = torch.load(km, weights_only=True)
     assert saved["centroids"].shape == (4, 39) and saved["features"]["kind"] == "mfcc39"
     assert saved["features"]["label_rate"] == 100 and saved["num_points"] == sum(frames)
