@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 # instruments, stay unseen.
 python data/manifest.py synth/audio synth/nsynth/nsynth-train/audio --out synth/pretrain.tsv
 python kmeans.py features --manifest synth/pretrain.tsv --out synth/mfcc
-python kmeans.py fit synth/mfcc --k 100 --out synth/km.pt
+python kmeans.py fit synth/mfcc --k 500 --out synth/km.pt
 python kmeans.py label synth/mfcc --km synth/km.pt --out synth/labels
 python pretrain_musichubert.py config/quickstart.py
 ckpt=$(ls out/quickstart_musichubert/ckpt_*.pt | tail -n 1)
