@@ -631,7 +631,7 @@ def parse_args(argv):
         p.error(f"--seed {args.seed!r}: expected an integer or a comma-separated list of them")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seed {args.seed!r}: expected distinct integers")
-    args.seed, args.seed_text = args.seeds[0], ",".join(map(str, args.seeds))
+    args.seed = args.seeds[0]
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         p.error(f"unknown task {unknown[0]!r}; tasks: {', '.join(TASKS)}")
@@ -672,7 +672,9 @@ def main(argv=None):
                 cells.setdefault((task_name, metric, spec), []).append(value)
         cell = lambda v: f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if many else f"{v[0]:.4f}"
         width = max(max(len(m) for m in args.model), 17 if many else 6) + 2
-        print(f"\n{'mean ± sd over seeds ' + args.seed_text if many else ''}".rstrip())
+        print()
+        if many:
+            print("mean ± sd over seeds " + ",".join(map(str, args.seeds)))
         print("task".ljust(16) + "metric".ljust(12) + "".join(m.rjust(width) for m in args.model))
         for task_name in args.tasks:
             for metric in TASKS[task_name].metrics:
