@@ -288,6 +288,19 @@ class Transformer(nn.Module):
         return hidden, (ffn if ffn_outputs else None)
 
 
+def normalize_waveform(wav, lengths=None, eps=1e-5):
+    """Zero mean, unit variance per clip (data2vec's F.layer_norm(wav, wav.shape)), over its valid samples only;
+    padded samples come out 0."""
+    if lengths is None:
+        return F.layer_norm(wav.float(), wav.shape[-1:], eps=eps).type_as(wav)
+    valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths.to(wav.device)[:, None]
+    m = valid.to(torch.float32)
+    n = lengths.to(wav.device)[:, None].to(torch.float32).clamp_min(1)
+    mean = (wav.float() * m).sum(1, keepdim=True) / n
+    var = (((wav.float() - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return (((wav.float() - mean) * torch.rsqrt(var + eps)) * m).type_as(wav)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -302,21 +315,15 @@ class Encoder(nn.Module):
     def num_frames(self, num_samples):
         return conv_out_lengths(num_samples, self.cfg.conv_layers)
 
-    def embed(self, wav, lengths=None):
-        """Waveform -> projected features (B x T x dim, before dropout and masking), padding mask, conv features."""
+    def embed(self, wav, lengths=None, normalize=None):
+        """Waveform -> projected features (B x T x dim, before dropout and masking), padding mask, conv features.
+        normalize: None follows cfg.normalize_waveform; False for callers that normalised with other statistics
+        (the probe: once per whole clip before windowing; pre-training: whole-file statistics, as fairseq)."""
         cfg = self.cfg
         if lengths is not None:
             lengths = lengths.to(wav.device)
-        if cfg.normalize_waveform:  # data2vec: F.layer_norm over each clip, here over its valid samples only
-            if lengths is None:
-                wav = F.layer_norm(wav.float(), wav.shape[-1:]).type_as(wav)
-            else:
-                valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths[:, None]
-                m = valid.to(torch.float32)
-                n = lengths[:, None].to(torch.float32).clamp_min(1)
-                mean = (wav.float() * m).sum(1, keepdim=True) / n
-                var = (((wav.float() - mean) * m) ** 2).sum(1, keepdim=True) / n
-                wav = (((wav.float() - mean) * torch.rsqrt(var + 1e-5)) * m).type_as(wav)
+        if cfg.normalize_waveform if normalize is None else normalize:
+            wav = normalize_waveform(wav, lengths)
         if cfg.feature_grad_mult > 0:
             conv = self.feature_extractor(wav, lengths, cfg.padding_exact)
             if cfg.feature_grad_mult != 1.0 and torch.is_grad_enabled():
@@ -332,10 +339,11 @@ class Encoder(nn.Module):
         x = self.feature_norm(conv) if self.feature_norm is not None else conv
         return self.feature_proj(x), padding_mask, conv
 
-    def forward(self, wav, lengths=None, mask=None, ffn_outputs=False):
+    def forward(self, wav, lengths=None, mask=None, ffn_outputs=False, normalize=None):
         """wav: B x N at 16 kHz; lengths: B valid samples (None = all valid); mask: B x T bool frames to replace by
-        the learned mask embedding (after input dropout, before the positional conv, as fairseq)."""
-        x, padding_mask, conv = self.embed(wav, lengths)
+        the learned mask embedding (after input dropout, before the positional conv, as fairseq); normalize: see
+        embed."""
+        x, padding_mask, conv = self.embed(wav, lengths, normalize)
         x = F.dropout(x, self.cfg.dropout_input, self.training)
         if mask is not None:
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
