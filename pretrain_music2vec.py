@@ -38,6 +38,8 @@ from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, span_mask
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
 crop_seconds = 30.0  # Music2Vec: 30 s of context (data2vec speech: 20 s); batches are cut to their shortest clip
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
+crop_seconds_min = 0.0  # > 0: cut each micro-batch to a length drawn uniformly from [crop_seconds_min,
+#                         crop_seconds] (not in fairseq, see cut_to_random_length)
 pad_batches = False  # False: cut every clip of a batch to the shortest (fairseq); True: zero-pad to the longest
 waveform_norm = "file"  # file: zero mean, unit variance with each FILE's statistics, before cropping (fairseq);
 #                         clip: with each crop's own (what the encoder does at inference)
@@ -58,15 +60,24 @@ conv_channels = 512  # channels of the 7 conv front-end layers (base: 512; the C
 dropout = 0.1
 attention_dropout = 0.1
 layerdrop = 0.05
+feature_grad_mult = 1.0  # scales the gradient into the conv front end (data2vec: 1.0; 0 freezes it at its init)
 # objective (data2vec_audio.py, base_librispeech.yaml)
 mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
 mask_length = 10
 min_masks = 1
 top_k_layers = 8  # targets = mean of the teacher's top-K layers (Music2Vec ablation: 12 = all layers)
+instance_norm_target_layer = True  # data2vec speech: normalise each layer's channels over the clip's frames
+layer_norm_target_layer = False  # data2vec NLP/vision: parameter-free LayerNorm of each layer's frames (after the
+#                                  instance norm when both are on, as fairseq)
+center_targets = False  # subtract from every target the micro-batch's mean target at its position in the crop
 loss_beta = 0.0  # 0 = squared error, as released; > 0 = smooth L1 with this beta
 ema_decay_start = 0.999
 ema_decay_end = 0.9999
 ema_anneal_steps = 30_000  # the decay rises linearly over these updates, then is held
+ema_pos_conv = False  # False: the teacher copies the student's positional convs at every update (data2vec
+#                       ema_layers_only); True: it averages them like its other parameters
+ema_transformer_only = True  # data2vec: the teacher is the transformer alone, fed the student's conv features;
+#                              False: it is an EMA of the whole encoder (conv front end too) and reads the waveform
 collapse_check_after = -1  # first checked update; -1 = the end of the lr warm-up, at most data2vec's 5000
 min_target_std = 0.1  # data2vec min_target_var (a standard deviation despite the name)
 min_pred_std = 0.01  # data2vec min_pred_var
@@ -111,7 +122,8 @@ def ema_decay_at(step, start=None, end=None, anneal_steps=None):
 
 def make_teacher(transformer):
     """The EMA teacher: a float32 copy of the student's transformer (pos conv stack + encoder LayerNorm + layers).
-    data2vec `ema_transformer_only`: the conv front end and projection are shared, not copied."""
+    data2vec `ema_transformer_only`: the conv front end and projection are shared, not copied. (Given the whole
+    Encoder instead, it copies that: ema_transformer_only=False.)"""
     teacher = copy.deepcopy(transformer).float().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -157,10 +169,12 @@ def instance_norm_valid(x, valid, eps=1e-5):
     return (x - mean) * torch.rsqrt(var + eps) * w
 
 
-def build_targets(ffn_outputs, padding_mask, top_k):
+def build_targets(ffn_outputs, padding_mask, top_k, instance_norm=True, layer_norm=False):
     """data2vec targets: each of the top-K teacher layers' FFN outputs (before the residual and the layer's final
-    LayerNorm), instance-normalised over time per clip, then averaged. ffn_outputs: list (one per layer) of
-    B x T x C; padding_mask: B x T bool (True = padded) or None. Returns B x T x C float32 (zero at padding)."""
+    LayerNorm), instance-normalised over time per clip (instance_norm_target_layer, data2vec's choice for speech)
+    and/or layer-normalised per frame without parameters (layer_norm_target_layer, its choice for NLP and vision),
+    then averaged. ffn_outputs: list (one per layer) of B x T x C; padding_mask: B x T bool (True = padded) or
+    None. Returns B x T x C float32 (zero at padding)."""
     if not 1 <= top_k <= len(ffn_outputs):
         raise ValueError(f"top_k_layers={top_k} but the teacher has {len(ffn_outputs)} layers")
     first = ffn_outputs[0]
@@ -168,9 +182,25 @@ def build_targets(ffn_outputs, padding_mask, top_k):
              else ~padding_mask)
     target = None
     for layer_out in ffn_outputs[-top_k:]:
-        y = instance_norm_valid(layer_out, valid)
+        y = instance_norm_valid(layer_out, valid) if instance_norm else layer_out.float() * valid[:, :, None]
+        if layer_norm:
+            y = F.layer_norm(y, y.shape[-1:]) * valid[:, :, None]
         target = y if target is None else target + y
     return target / top_k
+
+
+def center_by_position(target, valid, max_frames):
+    """target minus the mean over the micro-batch's clips of the targets at the same position key (position_keys):
+    what frame position alone predicts is taken out of the targets, so that it cannot be learnt from them."""
+    lengths = valid.sum(1)
+    keys = position_keys(valid, lengths, max_frames)
+    rows = target[valid]
+    C = rows.shape[1]
+    sums = torch.zeros(2 * max_frames, C, dtype=rows.dtype, device=rows.device).index_add_(0, keys, rows)
+    count = torch.bincount(keys, minlength=2 * max_frames).clamp_min(1).to(rows.dtype)
+    out = torch.zeros_like(target)
+    out[valid] = rows - (sums / count[:, None])[keys]
+    return out
 
 
 def regression_loss(pred, target, beta):
@@ -329,6 +359,19 @@ def mask_for(batch_shape, frame_lengths, step, global_micro):
                      same_count=frame_lengths is None, generator=g)
 
 
+def cut_to_random_length(wav, lengths, step, global_micro):
+    """The micro-batch cut to a length drawn uniformly from [crop_seconds_min, its length] seconds, a pure function of
+    (seed, update, global micro-batch) like the masks. Not in fairseq: there, songs longer than the crop give every
+    batch the same length, so every frame index sits at the same distance from the crop's ends, where the
+    positional convs' zero padding leaves a pattern that no content moves; varying the length is one way to keep
+    the teacher's targets from becoming that pattern (see the position monitor)."""
+    n = wav.shape[1]
+    low = min(n, int(round(crop_seconds_min * 16000)))
+    key = np.random.SeedSequence([seed, step, global_micro, 1]).generate_state(1)
+    cut = int(np.random.default_rng(key).integers(low, n + 1))
+    return wav[:, :cut], None if lengths is None else lengths.clamp(max=cut)
+
+
 def training_flops_per_clip(cfg, num_samples):
     """Student forward + backward (~3x its forward) plus the teacher's forward, which skips the conv front end and
     projection (shared with the student)."""
@@ -347,6 +390,9 @@ def main():
         raise SystemExit(f"error: grad_accum={grad_accum} must be a multiple of the world size {info.world_size}")
     if not 1 <= top_k_layers <= layers:
         raise SystemExit(f"error: top_k_layers={top_k_layers} must be between 1 and layers={layers}")
+    if not 0 <= crop_seconds_min <= crop_seconds:
+        raise SystemExit(f"error: crop_seconds_min={crop_seconds_min} must be between 0 and "
+                         f"crop_seconds={crop_seconds}")
     if waveform_norm not in ("file", "clip"):
         raise SystemExit(f"error: waveform_norm={waveform_norm!r}: use file (whole-file statistics) or clip")
     accum = grad_accum // info.world_size
@@ -389,14 +435,16 @@ def main():
     # --- student, teacher, optimizer ---
     conv_layers = tuple((conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS)
     enc_cfg = EncoderConfig.data2vec_base(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_layers=conv_layers,
-                                          dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop)
+                                          dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop,
+                                          feature_grad_mult=feature_grad_mult)
     torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
     # the checkpoint's encoder keeps normalize_waveform=True: loaded for inference it normalises each clip itself
     model = Music2VecStudent(Encoder(enc_cfg), normalize=False if waveform_norm == "file" else None).to(info.device)
     # data2vec creates the teacher as a copy of the initial student (first set_num_updates call)
-    teacher = make_teacher(model.encoder.transformer)
+    ema_source = model.encoder.transformer if ema_transformer_only else model.encoder
+    teacher = make_teacher(ema_source)
     torch.manual_seed(seed + info.rank)  # dropout differs per rank; masks and crops do not depend on it
-    copied = copied_param_names(model.encoder.transformer)
+    copied = set() if ema_pos_conv else copied_param_names(ema_source)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=adam_eps,
                                   weight_decay=weight_decay)  # fairseq Adam: decoupled decay on every parameter
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -452,6 +500,7 @@ def main():
     # the position monitor groups frames by their index in the crop: room for the longest crop
     max_frames = int(raw_model.encoder.num_frames(int(round(crop_seconds * 16000))))
     target_share = pred_share = float("nan")
+    pos_stats = torch.zeros(2 * (2 * max_frames * (1 + dim) + 1), dtype=torch.float64, device=info.device)
 
     def save():
         nonlocal saved_step
@@ -489,6 +538,8 @@ def main():
             for m in range(accum):
                 batch = stream.next()
                 wav, lengths = batch["wav"], batch["lengths"]
+                if crop_seconds_min > 0:
+                    wav, lengths = cut_to_random_length(wav, lengths, step, m * info.world_size + info.rank)
                 frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
                 mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,
                                 m * info.world_size + info.rank)
@@ -499,11 +550,9 @@ def main():
 
             # loss sum, masked frames, clips, samples, training FLOPs; then target and prediction std statistics
             stats = torch.zeros(5 + 2 * (1 + 2 * dim), dtype=torch.float64, device=info.device)
-            # on logged updates also the position monitor's sums (targets at every valid frame, predictions at
-            # the masked ones): computed from tensors the step has anyway, reduced once
+            # the position monitor's sums (targets at every valid frame, predictions at the masked ones) are added
+            # up over the updates between two log lines and reduced over ranks on the logged update
             watch = (step + 1) % log_interval == 0 or step + 1 == max_steps
-            pos_stats = torch.zeros(2 * (2 * max_frames * (1 + dim) + 1), dtype=torch.float64,
-                                    device=info.device) if watch else None
             stats[1:5] = torch.tensor([float(masked), sum(w.shape[0] for w, _, _ in micro),
                                        sum(w.numel() for w, _, _ in micro),
                                        sum(w.shape[0] * training_flops_per_clip(enc_cfg, w.shape[1])
@@ -515,20 +564,30 @@ def main():
                     with autocast:
                         pred, teacher_input, padding_mask = model(wav, lengths, mask)
                         with torch.no_grad():  # data2vec: the teacher sees the unmasked features, in eval mode
-                            _, ffn_out = teacher(teacher_input, padding_mask, ffn_outputs=True)
-                    full_target = build_targets(ffn_out, padding_mask, top_k_layers)
+                            if ema_transformer_only:
+                                _, ffn_out = teacher(teacher_input, padding_mask, ffn_outputs=True)
+                            else:
+                                ffn_out = teacher(wav, lengths, ffn_outputs=True, normalize=raw_model.normalize).ffn
+                    full_target = build_targets(ffn_out, padding_mask, top_k_layers, instance_norm_target_layer,
+                                                layer_norm_target_layer)
+                    # the monitor reads the teacher's targets as they come (before any centering)
+                    teacher_target = full_target
+                    if center_targets:
+                        full_target = center_by_position(
+                            full_target, torch.ones_like(mask) if padding_mask is None else ~padding_mask,
+                            max_frames)
                     target = full_target[mask]
                     loss_sum = regression_loss(pred, target, loss_beta).sum()
                     # fairseq: regression sum / global sample_size; DDP averages over ranks, hence world_size
                     (loss_sum * (info.world_size / max(global_masked, 1.0))).backward()
                 stats[0] += loss_sum.detach().double()
                 stats[5:] += torch.cat([std_stats(target), std_stats(pred)])
-                if watch:
-                    pos_stats += monitor_sums(full_target, pred, mask, padding_mask, max_frames)
+                pos_stats += monitor_sums(teacher_target, pred, mask, padding_mask, max_frames)
             stats = training.all_reduce_sum(stats).cpu()
             target_std, pred_std = channel_std(stats[5:6 + 2 * dim]), channel_std(stats[6 + 2 * dim:])
             if watch:
                 target_share, pred_share = monitor_shares(training.all_reduce_sum(pos_stats).cpu(), max_frames)
+                pos_stats.zero_()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
             finite = math.isfinite(stats[0].item()) and bool(torch.isfinite(grad_norm))
             applied = guard.ok(finite, step)
@@ -538,7 +597,8 @@ def main():
             step += 1
             decay = ema_decay_at(step)
             if applied:  # data2vec: one EMA step per optimizer update, after it
-                ema_update(teacher, raw_model.encoder.transformer, decay, copied)
+                ema_update(teacher, raw_model.encoder.transformer if ema_transformer_only else raw_model.encoder,
+                           decay, copied)
             progress.update(1)
             if finite:
                 interval += stats[:2]

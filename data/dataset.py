@@ -184,7 +184,8 @@ def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_
     folder = os.path.dirname(os.path.abspath(stats_path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise OSError(f"{stats_path}: cannot write whole-file statistics there (folder missing or read-only); "
-                      f"point file_stats_tsv at a writable path")
+                      f"give a writable path (pretrain_music2vec.py --file_stats_tsv=..., data/dataset.py stats "
+                      f"--out ...)")
     known = read_file_stats(stats_path, root, entries)
     if world_size > 1:  # ranks on other nodes may not see the same files: all split rank 0's list of missing lines
         known = all_gather(known)[0]
@@ -488,3 +489,30 @@ def make_loader(dataset, sampler, collate=collate_crop, num_workers=4, seed=0):
                       worker_init_fn=functools.partial(_seed_worker, seed) if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def main(argv=None):
+    """python data/dataset.py stats MANIFEST [--out PATH] [--workers N]: compute (or complete) the whole-file
+    statistics cache before a run, e.g. on a CPU node; pretrain_music2vec.py then finds them."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__.split(":", 1)[1].strip())
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stats", help="whole-file mean and std of every file of a manifest, cached")
+    st.add_argument("manifest")
+    st.add_argument("--out", default=None, help="default: next to the manifest (train.tsv -> train.stats.tsv)")
+    st.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    a = p.parse_args(argv)
+    out = a.out or default_stats_path(a.manifest)
+    try:
+        stats, errors = whole_file_stats(a.manifest, out, workers=a.workers)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{int((~np.isnan(stats[:, 0])).sum())} of {len(stats)} files -> {out}")
+    for i, reason in sorted(errors.items()):
+        print(f"unreadable: {reason}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

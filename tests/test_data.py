@@ -395,7 +395,7 @@ def test_whole_file_stats_name_unreadable_files(tmp_path):
     read_only.mkdir()
     read_only.chmod(0o555)
     if not os.access(read_only, os.W_OK):  # (root ignores permissions)
-        with pytest.raises(OSError, match="point file_stats_tsv at a writable path"):
+        with pytest.raises(OSError, match="cannot write whole-file statistics there"):
             whole_file_stats(tsv, str(read_only / "s.tsv"), progress=False)
 
 
