@@ -223,11 +223,18 @@ def load_model(spec, random_cfg, seed):
         return Encoder(random_cfg).eval(), model_tag(spec, random_cfg, seed)
     if not os.path.exists(spec):
         sys.exit(f"--model {spec}: no such file or folder; expected {MODEL_EXPECTED}")
+    for name in ("config.json", "preprocessor_config.json") if os.path.isdir(spec) else ():
+        try:
+            if os.path.exists(os.path.join(spec, name)):
+                with open(os.path.join(spec, name)) as f:
+                    json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            sys.exit(f"--model {spec}: {os.path.join(spec, name)} is not valid JSON ({e})")
     try:
         enc = load_pretrained(spec)
-    except Exception as e:  # torch.load's unpickling/zip errors, bad JSON, unsupported configs, mismatched weights
+    except Exception as e:  # torch.load's unpickling/zip errors, unsupported configs, mismatched weights
         msg = " ".join(str(e).split()) or type(e).__name__
-        if not (isinstance(e, (ValueError, FileNotFoundError)) and spec.rstrip("/") in msg):
+        if not (isinstance(e, (ValueError, FileNotFoundError)) and msg.startswith(spec.rstrip("/"))):
             msg = f"{type(e).__name__}: {msg}; expected {MODEL_EXPECTED}"  # not one of load_pretrained's own lines
         sys.exit(f"--model {spec}: " + (msg if len(msg) < 800 else msg[:800] + " ..."))
     return enc, model_tag(spec, enc.cfg, seed)
@@ -373,21 +380,27 @@ class HeadAdam:
         self.params = dict(heads.named_parameters())
         self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        # one scratch buffer for the update, reused by every parameter: the sweep's weights are 84 x 768 x 512, and
+        # a fresh temporary of that size costs more (new pages) than the arithmetic on it
+        scratch = torch.empty(max(p.numel() for p in self.params.values()), device=lrs.device)
+        self.scratch = {n: scratch[:p.numel()].view(p.shape) for n, p in self.params.items()}
 
     @torch.no_grad()
     def step(self):
         self.t += 1
         b1, b2 = self.betas
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        lrs = self.heads.per_param(self.lr)
+        # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) computed as (m / (sqrt(v) + eps * sqrt(bc2))) * lr * sqrt(bc2)/bc1
+        steps = self.heads.per_param(self.lr * (math.sqrt(bc2) / bc1))
         for n, p in self.params.items():
             if p.grad is None or p.numel() == 0:
                 continue
-            m, v = self.m[n], self.v[n]
+            m, v, u = self.m[n], self.v[n], self.scratch[n]
             m.lerp_(p.grad, 1 - b1)
             v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-            p.sub_((lrs[n] / bc1) * m / denom)
+            torch.sqrt(v, out=u).add_(self.eps * math.sqrt(bc2))
+            torch.div(m, u, out=u).mul_(steps[n])
+            p.sub_(u)
 
 
 def clip_average(outputs, rows, num_clips):
@@ -421,7 +434,9 @@ def split_data(store, clips, task):
 def evaluate(heads, rows, split):
     """Item-level outputs of every head, H x items x C (float32, CPU), reading the split in slices of whole items."""
     heads.eval()
-    cap = min(4096, max(64, (1 << 16) // heads.num_heads))  # rows per pass: heads x rows x 512 activations stay small
+    row = int(np.prod(rows(rows_of(split.starts[:1], split.counts[:1])).shape[1:]))
+    cap = max(1, min((8 << 20) // row, (1 << 16) // heads.num_heads))  # rows per pass: inputs <= 32 MB as float32,
+    # heads x rows x 512 activations <= 128 MB
     ends = np.cumsum(split.counts)
     out, i = None, 0
     while i < len(split):
@@ -494,7 +509,7 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
         improved = active & (scores > best)
         with torch.no_grad():
             for name, m in heads.per_param(improved.view(C, K).to(device)).items():
-                best_state[name] = torch.where(m, params[name], best_state[name])
+                torch.where(m, params[name], best_state[name], out=best_state[name])
         best = torch.where(improved, scores, best)
         best_epoch[improved] = epoch
         since_best = torch.where(improved, 0, since_best + 1)

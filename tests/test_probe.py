@@ -540,11 +540,85 @@ def test_mtt_end_to_end(tmp_path):
 
 
 def test_sweep_through_the_cli(tmp_path):
+    """Point 5: the sweep's weighted cell follows --layers: 'all' (13 states, the paper) by default, 'transformer'
+    (MARBLE's code: state 0 left out) on request; the single states are always 0..layers."""
     write_nsynth(tmp_path / "nsynth", per_split=(16, 8, 8))
     record, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "3", "--sweep")
     assert record["heads"] == len(probe.SWEEP_LRS) * 4  # tiny encoder: {all, 0, 1, 2} x 6 lrs
     best = max(record["grid"], key=lambda g: g["valid"])
     assert record["valid"]["acc"] == best["valid"] and record["metrics"] == best["test"]
+    assert {g["layers"] for g in record["grid"]} == {"all", 0, 1, 2}
+    marble, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "3", "--sweep", "--layers",
+                        "transformer", "--save-heads", str(tmp_path / "heads"))
+    assert {g["layers"] for g in marble["grid"]} == {"transformer", 0, 1, 2} and marble["heads"] == 24
+    saved = torch.load(tmp_path / "heads" / "nsynth_pitch.pt", weights_only=False)
+    assert (saved["layers"], saved["lr"]) == (marble["layers"], marble["lr"])  # the grid's best cell is kept
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--task", "mtt", "--model", "random", "--data-root", "x", "--sweep", "--layers", "3"])
+
+
+def test_saved_heads_predict_new_audio(tmp_path, capsys):
+    """Point 8: --save-heads writes the chosen head with its layer weights, task, label names and normalisation;
+    `probe.py predict` applies it to audio files: its scores are the trained head's on the same clips."""
+    write_nsynth(tmp_path / "nsynth")
+    heads_dir = tmp_path / "heads"
+    record, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "15", "--batch-size", "8", "--lr",
+                        "1e-2", "--save-heads", str(heads_dir))
+    assert record["head_file"] == str(heads_dir / "nsynth_pitch.pt")
+    saved = torch.load(heads_dir / "nsynth_pitch.pt", weights_only=False)
+    assert saved["task"] == "nsynth_pitch" and saved["labels"][64] == "midi 64" and len(saved["labels"]) == 128
+    assert saved["extraction"] == dict(record["extraction"]) and saved["extraction"]["normalize"] == "clip"
+    assert saved["head"]["layer_weights"].tolist() == pytest.approx(record["layer_weights"], abs=1e-4)
+    assert saved["test"] == record["metrics"] and saved["model_tag"] == record["model_tag"]
+    test_clips = [c for c in downstream.read_nsynth(str(tmp_path / "nsynth"), "pitch").clips if c.split == "test"]
+    capsys.readouterr()
+    out = probe.main(["predict", "--heads", str(heads_dir), "--model", "random", "--device", "cpu",
+                      *[c.path for c in test_clips]])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == len(lines) == len(test_clips)
+    assert lines[0].startswith(test_clips[0].path + "\tnsynth_pitch\tmidi ")
+    top = [max(o["scores"], key=o["scores"].get) for o in out]
+    acc = np.mean([t == f"midi {c.label}" for t, c in zip(top, test_clips)])
+    assert acc == pytest.approx(record["metrics"]["acc"])  # the same head on the same notes
+    assert all(sum(o["scores"].values()) <= 1 + 1e-6 and len(o["scores"]) == 5 for o in out)
+
+
+def test_predict_regression_on_the_annotation_scale(tmp_path, capsys):
+    """A regression head (EMO) prints its outputs back on the annotation's scale (targets were z-scored on the
+    development songs) under the label names."""
+    listing = downstream.Listing([], ["arousal", "valence"], [5.0, 4.0], [2.0, 1.0])
+    task = probe.TASKS["emo"]
+    heads = probe.ProbeHeads(["all"], 1, 3, 64, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        heads.mix_w2.zero_()
+        heads.mix_b2.copy_(torch.tensor([1.0, -2.0]))  # z-scores 1 and -2 -> 7.0 and 2.0
+    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+    r = dict(cell=(0, 0), layers="all", lr=1e-3, valid={}, test={})
+    probe.save_head(str(tmp_path / "h"), "emo", task, listing, task.extraction, "random", "tag", enc, 3, heads, r)
+    path = tmp_path / "song.wav"
+    sf.write(path, tone(200, 12.0, SR), SR)
+    (o,) = probe.main(["predict", "--heads", str(tmp_path / "h" / "emo.pt"), "--model", "random", str(path)])
+    assert o["scores"] == pytest.approx({"arousal": 7.0, "valence": 2.0}) and o["windows"] == 3  # 5 + 5 + 2 s
+    assert "arousal 7.000  valence 2.000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda p: p.write_bytes(b"not a checkpoint"), "expected one of our checkpoints"),
+    (lambda p: torch.save({"model": {}}, p), "not one of our checkpoints"),
+    (lambda p: torch.save({"encoder_config": {"dim": 64, "bogus": 1}, "encoder": {}}, p), "unknown fields"),
+    (lambda p: (p.mkdir(), (p / "model.safetensors").write_bytes(b"")), "needs config.json"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{not json")), "config.json is not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"model_type": "bert"}')), "not supported"),
+])
+def test_bad_model_is_one_line(tmp_path, make, expect):
+    """Point 9: a broken checkpoint or model folder ends the run with one line naming the path and what was
+    expected, before any data is read."""
+    bad = tmp_path / "model"
+    make(bad)
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--task", "nsynth_pitch", "--model", str(bad), "--data-root", str(tmp_path)])
+    msg = str(e.value.code)
+    assert msg.startswith(f"--model {bad}: ") and expect in msg and "\n" not in msg and "Traceback" not in msg
 
 
 def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
