@@ -260,8 +260,9 @@ def layer_choice_mask(choice, num_states):
 
 class ProbeHeads(torch.nn.Module):
     """Parameters, with C split into Cw weighted choices and Cs single states, K learning rates each:
-        mix_logits [Cw, K, S]  mix_w1 [Cw, K, D, 512]  mix_b1 [Cw, K, 1, 512]  mix_w2 [Cw, K, 512, N]  mix_b2 [Cw, K, 1, N]
-        one_w1 [Cs, D, K, 512]  one_b1 [Cs, 1, K, 512]  one_w2 [Cs, K, 512, N]  one_b2 [Cs, K, 1, N]
+        mix_logits [Cw, K, S], mix_w1 [Cw, K, D, 512], mix_b1 [Cw, K, 1, 512], mix_w2 [Cw, K, 512, N],
+        mix_b2 [Cw, K, 1, N]; one_w1 [Cs, D, K, 512], one_b1 [Cs, 1, K, 512], one_w2 [Cs, K, 512, N],
+        one_b2 [Cs, K, 1, N].
     one_w1 keeps K next to the hidden units, so [D, K * 512] is a plain matrix. Every head starts from the same draw
     (the one a single head gets from the same generator), as every cell of MARBLE's sweep is a run seeded alike."""
     K_AXIS = dict(mix_logits=1, mix_w1=1, mix_b1=1, mix_w2=1, mix_b2=1, one_w1=2, one_b1=2, one_w2=1, one_b2=1)

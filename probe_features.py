@@ -163,7 +163,10 @@ class StoreError(Exception):
 class FeatureStore:
     """See the module docstring for the layout. `index` maps a clip key to (first row, number of rows)."""
 
-    def __init__(self, path, key=None, row_shape=None, write=False):
+    def __init__(self, path, key=None, row_shape=None, write=False, wait=None):
+        """write: open for appending (one writer at a time: an flock, released when the process ends however it
+        ends). wait: a function called once if another process holds the store, before blocking until it is done;
+        None raises StoreError instead."""
         self.path, self.write = path, write
         self.meta_path = os.path.join(path, "meta.json")
         self.data_path = os.path.join(path, "features.f16")
@@ -175,8 +178,10 @@ class FeatureStore:
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise StoreError(f"{path}: another process is extracting into this feature store; wait for it or "
-                                 "give another --cache-dir") from None
+                if wait is None:
+                    raise StoreError(f"{path}: another process is extracting into this feature store") from None
+                wait(f"{path}: another process is extracting into this feature store; waiting for it")
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
             if not os.path.exists(self.meta_path):
                 tmp = self.meta_path + f".tmp{os.getpid()}"
                 with open(tmp, "w") as f:
@@ -324,7 +329,7 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
     used. The encoder sees batches of about `batch_seconds` of audio; a long clip's windows may span several
     encoder calls, and a batch is committed to the store only when all its clips are done."""
     num_states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
-    store = FeatureStore(path, key, (num_states, dim), write=True)
+    store = FeatureStore(path, key, (num_states, dim), write=True, wait=log)
     try:
         todo = [c for c in dict((c.key, c) for c in clips).values() if c.key not in store.index]
         failed = {}

@@ -186,8 +186,9 @@ def main():
     heads = 6 * (args.states + 1)
     print(f"heads on {where}, one epoch over {args.clips} clips x {args.windows} windows ({args.states} x {args.dim} "
           f"features, float16 memmap), medians of {args.rounds} alternating rounds: one head {t1:.2f} s, the "
-          f"{heads}-head sweep {tg:.2f} s = {tg / t1:.1f}x one head (arithmetic: {flops['sweep'] / flops['one head']:.0f}x;"
-          f" {heads} separate runs: {heads}x); sweep at {flops['sweep'] / tg / 1e9:.0f} GFLOP/s of training matmuls")
+          f"{heads}-head sweep {tg:.2f} s = {tg / t1:.1f}x one head (arithmetic: "
+          f"{flops['sweep'] / flops['one head']:.0f}x; {heads} separate runs: {heads}x); sweep at "
+          f"{flops['sweep'] / tg / 1e9:.0f} GFLOP/s of training matmuls")
     print("rounds:", {n: [round(x, 2) for x in t] for n, t in times.items()})
 
 

@@ -1,9 +1,9 @@
 """Readers for the downstream (probing) data sets, as they are distributed.
 
-Each reader takes the folder a user unpacked the data set into and returns a `Listing`: the `Clip`s (audio file, the
-split it belongs to, its label) and the label names, reproducing the splits and label derivations of the MARBLE v1
-benchmark (the code behind the Music2Vec / MusicHuBERT probing numbers). Nothing is converted on disk: where MARBLE runs a preprocess
-script first (MTT, EMO, VocalSet) the same derivation happens here in memory.
+Each reader takes the folder a user unpacked the data set into and returns a `Listing`: the `Clip`s (audio file,
+the split it belongs to, its label) and the label names, reproducing the splits and label derivations of the MARBLE
+v1 benchmark (the code behind the Music2Vec / MusicHuBERT probing numbers). Nothing is converted on disk: where
+MARBLE runs a preprocess script first (MTT, EMO, VocalSet) the same derivation happens here in memory.
 
 A missing folder or metadata file raises DataSetError with one line: what was expected where, and where the data
 set is published. The benchmark's published split lists ship in data/splits/.

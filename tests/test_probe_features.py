@@ -1,7 +1,6 @@
 """probe_features.py: windows as MARBLE cuts them, one waveform normalisation per clip, the cache key, the feature
 store (resume, errors) and the memory of head training on a large store."""
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -46,7 +45,8 @@ def test_windows_follow_marble(tmp_path):
     whole = np.concatenate(w)  # z-normalised over the whole clip, before cutting
     assert abs(whole.mean()) < 1e-3 and abs(whole.std() - 1) < 1e-3
     np.testing.assert_allclose(whole, (wav - wav.mean()) / np.sqrt(wav.var() + 1e-7), atol=1e-4)
-    assert len(pf.clip_windows(write(tmp_path / "b.wav", wav[: int(60.5 * SR)]), pf.Extraction())) == 2  # 0.5 s: dropped
+    short = write(tmp_path / "b.wav", wav[: int(60.5 * SR)])
+    assert len(pf.clip_windows(short, pf.Extraction())) == 2  # a 0.5 s last window is dropped
 
 
 def test_emo_windows_paper_and_music2vec_config(tmp_path):
@@ -220,6 +220,29 @@ def test_store_errors_name_the_file(tmp_path):
         pf.FeatureStore(str(tmp_path / "s"), key)
 
 
+def test_second_writer_waits_for_the_first(tmp_path):
+    """Two runs extracting the same features (say nsynth_pitch and nsynth_instr side by side): the second waits for
+    the first's lock and then finds its clips already there."""
+    import threading
+    key = pf.cache_key("m", pf.Extraction())
+    first = pf.FeatureStore(str(tmp_path / "s"), key, (2, 4), write=True)
+    said, seen = [], []
+
+    def second():
+        s = pf.FeatureStore(str(tmp_path / "s"), key, (2, 4), write=True, wait=said.append)
+        seen.append(dict(s.index))
+        s.close()
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and said and "waiting" in said[0]
+    first.append([("a", np.ones((3, 2, 4), np.float32))])
+    first.close()
+    t.join(10)
+    assert seen == [{"a": (0, 3)}]
+
+
 def rss_anon_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
@@ -245,6 +268,8 @@ def test_head_training_memory_does_not_grow_with_windows(tmp_path):
                                          torch.from_numpy(rng.integers(0, 4, b - a)))
     data = {"train": split(0, 9600), "valid": split(9600, 9800), "test": split(9800, 10000)}
     rows = pf.Rows(store, "cpu", 0)
+    warm = {s: probe.SplitData(d.starts[:50], d.counts[:50], d.y[:50]) for s, d in data.items()}
+    probe.train_heads(task, rows, warm, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)  # first-use allocations
     before, peak = rss_anon_kib(), [0]
 
     def sampled(r):
