@@ -436,7 +436,7 @@ def evaluate(heads, rows, split):
     """Item-level outputs of every head, H x items x C (float32, CPU), reading the split in slices of whole items."""
     heads.eval()
     row = int(np.prod(rows(rows_of(split.starts[:1], split.counts[:1])).shape[1:]))
-    cap = max(1, min((8 << 20) // row, (1 << 16) // heads.num_heads))  # rows per pass: inputs <= 32 MB as float32,
+    cap = max(1, min((2 << 20) // row, (1 << 16) // heads.num_heads))  # rows per pass: inputs <= 8 MB as float32,
     # heads x rows x 512 activations <= 128 MB
     ends = np.cumsum(split.counts)
     out, i = None, 0
