@@ -1,9 +1,9 @@
 """Readers for the downstream (probing) data sets, as they are distributed.
 
-Each reader takes the folder a user unpacked the data set into and returns a list of `Clip`s: the audio file, the
-split it belongs to and its label, reproducing the splits and label derivations of the MARBLE v1 benchmark (the code
-behind the Music2Vec / MusicHuBERT probing numbers). Nothing is converted on disk: where MARBLE runs a preprocess
-script first (MTT, EMO, VocalSet) the same derivation happens here in memory.
+Each reader takes the folder a user unpacked the data set into and returns a `Listing`: the `Clip`s (audio file,
+the split it belongs to, its label) and the label names, reproducing the splits and label derivations of the MARBLE
+v1 benchmark (the code behind the Music2Vec / MusicHuBERT probing numbers). Nothing is converted on disk: where
+MARBLE runs a preprocess script first (MTT, EMO, VocalSet) the same derivation happens here in memory.
 
 A missing folder or metadata file raises DataSetError with one line: what was expected where, and where the data
 set is published. The benchmark's published split lists ship in data/splits/.
@@ -31,6 +31,15 @@ class Clip:
     path: str  # absolute audio path
     split: str  # train | valid | test
     label: Any  # int (multiclass) or float32 vector (multilabel, regression)
+
+
+@dataclass
+class Listing:
+    """What a reader returns: the clips, and what their labels mean (kept with a saved probe head)."""
+    clips: list  # of Clip
+    labels: list  # the name of each class / tag / regression output, in label order
+    target_mean: Any = None  # regression: the targets were z-scored with this mean and std (per output), so a
+    target_std: Any = None  # prediction maps back to the annotation scale as y * std + mean
 
 
 def _need(path, what, source):
@@ -78,7 +87,7 @@ def read_nsynth(root, target):
                     raise DataSetError(f"{where}: pitch {pitch!r} is not a MIDI number 0..127")
                 label = pitch
             clips.append(_clip(root, f"nsynth-{split}/audio/{note_str}.wav", split, label))
-    return clips
+    return Listing(clips, NSYNTH_FAMILIES if target == "instrument" else [f"midi {p}" for p in range(128)])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -108,7 +117,7 @@ def read_gtzan(root):
                 if genre not in GTZAN_GENRES:
                     raise DataSetError(f"{list_path}:{line_no}: genre {genre!r} is not one of {GTZAN_GENRES}")
                 clips.append(_clip(root, f"{genres}/{rel}", split, GTZAN_GENRES.index(genre)))
-    return clips
+    return Listing(clips, GTZAN_GENRES)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -170,15 +179,18 @@ def read_emo(root):
         raise DataSetError(f"{static_path}: no annotation for song_id {missing[0]} (and {len(missing) - 1} more)")
     dev_y = np.array([m["y"] for m in songs.values() if m["split"] != "test"], dtype=np.float64)
     mean, std = dev_y.mean(0), dev_y.std(0)  # np.std: population std, as Jukemir
-    return [_clip(root, f"clips_45seconds/{s}.mp3", m["split"], ((np.array(m["y"]) - mean) / std).astype(np.float32))
-            for s, m in sorted(songs.items())]
+    clips = [_clip(root, f"clips_45seconds/{s}.mp3", m["split"], ((np.array(m["y"]) - mean) / std).astype(np.float32))
+             for s, m in sorted(songs.items())]
+    return Listing(clips, ["arousal", "valence"], mean.tolist(), std.tolist())
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # VocalSet 1.1 (Wilkins et al. 2018): FULL/<singer>/<context>/<technique>/<file>.wav.
 # MARBLE (tasks/VocalSet/preprocess.py) flattens the 17 technique folders, fixes 28 file names, drops 5 files, cuts
 # 3 s chunks and splits with sklearn's GroupShuffleSplit under np.random.seed(42617), grouping by the file's index
-# inside its technique folder. We redo the same listing and the same random draws here (no files are written).
+# inside its technique folder. We redo the same listing and the same random draws here (no files are written): a
+# Clip is a recording; probe.py cuts it into MARBLE's chunks and makes each chunk its own item, as MARBLE's chunk
+# files are. The group draw is the same either way: it permutes the distinct file ids, whatever the rows per id.
 
 VOCALSET_SOURCE = "https://zenodo.org/record/1203819 (VocalSet11.zip, unpacked so that FULL/ is under the root)"
 VOCALSET_SINGERS = [f"f{i}" for i in range(1, 10)] + [f"m{i}" for i in range(1, 12)]
@@ -205,7 +217,8 @@ VOCALSET_RENAMES = {
 VOCALSET_DELETED = {("vibrato", n) for n in ("f2_scales_vibrato_a(1).wav", "caro_vibrato.wav", "dona_vibrato.wav",
                                              "row_vibrato.wav", "slow_vibrato_arps.wav")}
 VOCALSET_SEED = 42617
-VOCALSET_CHUNK_SECONDS = 3.0
+VOCALSET_RATE = 44100  # MARBLE resamples every file to 44.1 kHz (VocalSet's own rate) before cutting chunks
+VOCALSET_CHUNK = VOCALSET_RATE // 1000 * 3000  # MARBLE: sr // 1000 * 3000 = 132,000 samples, 2.993 s
 
 
 def group_shuffle_split(groups, test_size, rng):
@@ -258,13 +271,16 @@ def vocalset_files(root):
 
 
 def _vocalset_has_chunk(root, rel):
-    """MARBLE keeps a file only if it yields at least one full 3 s chunk (remainders are dropped)."""
+    """MARBLE's file list (and so its groups) holds only files that give at least one chunk: more than 132,000
+    samples at 44.1 kHz (strict). MARBLE tests the length after its VAD trimmed leading silence; here it is the
+    header's length, so a file with under 3 s of sound after a silent lead-in stays in the group draw (and is then
+    reported as too short at extraction)."""
     import soundfile as sf
     try:
         info = sf.info(os.path.join(root, rel))
     except Exception:
         return True  # unreadable: let extraction report it with its path
-    return info.frames > VOCALSET_CHUNK_SECONDS * info.samplerate
+    return -(-info.frames * VOCALSET_RATE // info.samplerate) > VOCALSET_CHUNK
 
 
 def read_vocalset(root, target):
@@ -280,14 +296,16 @@ def read_vocalset(root, target):
     tech_split.update({train_val[i][4]: "valid" for i in va})
     tech_split.update({r[4]: "test" for r in tech_rows if r[2] in VOCALSET_TEST_SINGERS})
     if target == "technique":
-        return [_clip(root, r[4], tech_split[r[4]], VOCALSET_TECHNIQUES.index(r[0])) for r in tech_rows]
+        return Listing([_clip(root, r[4], tech_split[r[4]], VOCALSET_TECHNIQUES.index(r[0])) for r in tech_rows],
+                       VOCALSET_TECHNIQUES)
     trv, te = group_shuffle_split([r[3] for r in rows], 0.2, rng)
     rest = [rows[i] for i in trv]
     tr, va = group_shuffle_split([r[3] for r in rest], 0.4, rng)
     singer_split = {rows[i][4]: "test" for i in te}
     singer_split.update({rest[i][4]: "train" for i in tr})
     singer_split.update({rest[i][4]: "valid" for i in va})
-    return [_clip(root, r[4], singer_split[r[4]], VOCALSET_SINGERS.index(r[2])) for r in rows]
+    return Listing([_clip(root, r[4], singer_split[r[4]], VOCALSET_SINGERS.index(r[2])) for r in rows],
+                   VOCALSET_SINGERS)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -328,7 +346,7 @@ def read_mtt(root, num_tags=50):
         first = int(path[0], 16)
         split = "train" if first < 12 else "valid" if first < 13 else "test"
         clips.append(_clip(root, f"mp3/{path}", split, y))
-    return clips
+    return Listing(clips, [tags[j] for j in top])
 
 
 SOURCES = {"nsynth": NSYNTH_SOURCE, "gtzan": GTZAN_SOURCE, "emo": EMO_SOURCE, "vocalset": VOCALSET_SOURCE,
