@@ -19,6 +19,7 @@ indexed clip: rows past it are cut off when the store is reopened. Training read
 memmap; mapped file pages are not private memory, so a process's RssAnon does not grow with the number of windows,
 only with the per-clip index (two integers a clip).
 """
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -42,6 +43,10 @@ FORMAT_VERSION = 2  # 1: one fp32 .npy per clip (probe.py part 1); 2: this store
 DTYPE = np.float16
 AUDIO_WORKERS = 4  # threads decoding and resampling audio ahead of the encoder
 BLOCK_SECONDS = 30  # read_16k resamples this much audio at a time
+try:  # glibc: return freed heap pages to the system (see extract)
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # another C library: nothing to do
+    _malloc_trim = lambda pad: 0
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,10 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
                 while j < len(windows) and n + len(windows[j]) <= budget:
                     n, j = n + len(windows[j]), j + 1
                 pooled.append(pooled_hidden_states(encoder, windows[i:j], device).numpy())
+                # glibc keeps freed blocks under its (adaptive, up to 32 MB) mmap threshold in the heap; without a
+                # trim, the activations of one call and the audio decoded by the reader threads pile up, and a
+                # 10-minute track ends ~70 MB higher than its audio needs (tests/test_probe_mtg.py)
+                _malloc_trim(0)
                 i = j
             pooled = np.concatenate(pooled)
             done, start = [], 0

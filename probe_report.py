@@ -150,8 +150,11 @@ def plot_layer_weights(records, path, title):
         w[i, :len(rs[0]["layer_weights"])] = np.mean([r["layer_weights"] for r in rs], axis=0)
         choice = {str(r.get("layers")) for r in rs}
         labels.append(f"{TABLE_NAMES.get(t, t)} ({', '.join(sorted(choice))})")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * states, 1.2 + 0.45 * len(order)))
-    im = ax.imshow(w, cmap="viridis", vmin=0, vmax=max(0.3, float(np.nanmax(w))), aspect="auto")
+    label_in = 0.09 * max(len(s) for s in labels)  # room for the task names on the left
+    fig, ax = plt.subplots(figsize=(max(6.0, label_in + 1.8 + 0.55 * states), 1.6 + 0.42 * len(order)))
+    mixed = [i for i, t in enumerate(order) if any(str(r.get("layers")) in ("all", "transformer") for r in tasks[t])]
+    top = float(np.nanmax(w[mixed])) if mixed else 1.0  # the colours spread the weighted heads; one-hot rows saturate
+    im = ax.imshow(w, cmap="viridis", vmin=0, vmax=max(0.2, top), aspect="auto")
     for i in range(len(order)):
         for j in range(states):
             if np.isfinite(w[i, j]):
@@ -159,7 +162,7 @@ def plot_layer_weights(records, path, title):
                         color="black" if w[i, j] > 0.6 * im.get_clim()[1] else "white")
     ax.set_xticks(range(states), [str(j) for j in range(states)])
     ax.set_yticks(range(len(order)), labels)
-    ax.set_xlabel("hidden state (0: transformer input, then the layers)")
+    ax.set_xlabel("hidden state (0: the transformer's input; 1..: its layers)")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03, label="weight")
     fig.tight_layout()
