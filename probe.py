@@ -5,6 +5,8 @@
     python probe.py --task nsynth_pitch,nsynth_instr --model out/ckpt.pt random --data-root synth/nsynth
     python probe.py --task emo --model out/ckpt.pt --data-root ~/data/emo --save-heads heads/
     python probe.py predict --heads heads/ --model out/ckpt.pt song.mp3 other.wav
+    python probe.py --task all --model out/ckpt.pt --data-root ~/data          # every data set found; Table 1
+    python probe.py report runs/probe_results.jsonl other/probe_results.jsonl --out runs/compare
 
 1. Extract (probe_features.py): every clip is z-normalised once, cut into the task's windows, run through the frozen
    encoder, and each of the layers+1 hidden states is mean-pooled per window. The rows go into a memory-mapped
@@ -16,7 +18,9 @@
 3. --sweep trains the benchmark's whole grid (6 lrs x {weighted, each state}) as one set of heads, one batched matmul
    per layer group, and reports the test score of the validation-best cell.
 One JSON line per (task, model) is appended to --results, and a readable line is printed. --save-heads keeps the
-chosen head; `probe.py predict` applies saved heads to new audio.
+chosen head; `probe.py predict` applies saved heads to new audio. `--task all` runs every task whose data set is in
+its folder under --data-root and ends with the paper's Table 1 and a layer-weight plot per model; `probe.py report`
+builds that table from results lines (probe_report.py). Metrics: probe_metrics.py.
 Protocol facts and where MARBLE's code differs from the papers: ../shared/spec/probe.md (summarised in README).
 """
 import argparse
@@ -613,9 +617,10 @@ def load_task(task_name, data_root, max_clips):
     clips = select_clips(listing.clips, max_clips)
     missing = [c.path for c in clips if not os.path.isfile(c.path)]
     if missing:
+        source = downstream.SOURCES.get(task.features)
         raise downstream.DataSetError(
             f"{missing[0]}: audio file not found ({len(missing)} of {len(clips)} clips missing); is --data-root the "
-            f"folder the data set was unpacked into? It is published at {downstream.SOURCES[task.features]}")
+            f"folder the data set was unpacked into?" + (f" It is published at {source}" if source else ""))
     for split in ("train", "valid", "test"):
         if not any(c.split == split for c in clips):
             raise downstream.DataSetError(f"no {split} clips found under {data_root}")
@@ -730,7 +735,8 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="python probe.py predict --help: apply saved heads to audio files")
+                                epilog="python probe.py predict --help: apply saved heads to audio files; "
+                                       "python probe.py report --help: tabulate results lines")
     p.add_argument("--task", required=True, help=f"comma-separated, from: {', '.join(TASKS)}; or 'all': every "
                    "task whose data set is found under --data-root in its conventional folder (README)")
     p.add_argument("--model", required=True, nargs="+",

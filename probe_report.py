@@ -24,7 +24,8 @@ TABLE_NAMES = dict(mtt="MTT", gs_key="GS", gtzan_genre="GTZAN", emo="EMO", nsynt
                    gtzan_beat="GTZANBT", mtg_instrument="MTGInstrument", mtg_moodtheme="MTGMood",
                    mtg_genre="MTGGenre", mtg_top50="MTGTop50", beat="Beat")
 METRIC_NAMES = dict(roc_auc="ROC", ap="AP", acc="Acc", weighted="AccW", r2="R2", valence_r2="R2V",
-                    arousal_r2="R2A")
+                    arousal_r2="R2A", f_70ms="F70", f_20ms="F20", track_f_70ms="F70/track",
+                    track_f_20ms="F20/track")
 
 
 def load_results(paths):

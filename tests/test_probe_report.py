@@ -31,8 +31,10 @@ def test_table1_layout_and_values():
         rec("emo", {"r2": 0.5, "arousal_r2": 0.665, "valence_r2": 0.421}, table=["valence_r2", "arousal_r2"]),
         rec("mtt", {"roc_auc": 0.9, "ap": 0.3}),  # superseded by the re-run below
         rec("gs_key", {"weighted": 0.147, "acc": 0.1, "clip_acc": 0.1}, table=["weighted"]),
-        # a task that names its own metrics (the beat tasks report MARBLE's F at 70 ms first)
-        rec("gtzan_beat", {"f_marble_70": 0.886, "f_70": 0.85, "f_20": 0.5}, table=["f_marble_70", "f_70", "f_20"]),
+        # a task that names its own metrics and columns (the beat tasks: MARBLE's F at 70 ms, the headline, and the
+        # field's per-track F with its 5 s trim)
+        rec("gtzan_beat", {"f_70ms": 0.886, "f_20ms": 0.5, "track_f_70ms": 0.85, "track_f_20ms": 0.45},
+            table=["f_70ms", "track_f_70ms"]),
         rec("new_task", {"score": 0.25}),  # not in the paper: after the paper's columns
         rec("mtt", {"roc_auc": 0.902, "ap": 0.377}),
         rec("nsynth_pitch", {"acc": 0.2}, model="random", tag="random-abcd1234-seed1", seed=1),
@@ -40,9 +42,9 @@ def test_table1_layout_and_values():
     ]
     text = probe_report.table1(records)
     lines = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
-    assert lines[0] == ["Dataset", "MTT", "", "GS", "EMO", "", "NSynthP", "GTZANBT", "", "", "new_task"]
-    assert lines[2] == ["Metrics", "ROC", "AP", "AccW", "R2V", "R2A", "Acc", "f_marble_70", "f_70", "f_20", "score"]
-    assert lines[3] == ["ckpt.pt", "90.2", "37.7", "14.7", "42.1", "66.5", "77.4", "88.6", "85.0", "50.0", "25.0"]
+    assert lines[0] == ["Dataset", "MTT", "", "GS", "EMO", "", "NSynthP", "GTZANBT", "", "new_task"]
+    assert lines[2] == ["Metrics", "ROC", "AP", "AccW", "R2V", "R2A", "Acc", "F70", "F70/track", "score"]
+    assert lines[3] == ["ckpt.pt", "90.2", "37.7", "14.7", "42.1", "66.5", "77.4", "88.6", "85.0", "25.0"]
     # two seeds of one random architecture are one row: mean ± sd (x 100)
     assert lines[4][0] == "random" and lines[4][6] == f"25.0 ± {100 * np.std([0.2, 0.3], ddof=1):.1f}"
     assert lines[4][1] == "-" and "mean ± sd over seeds" in text
@@ -50,10 +52,10 @@ def test_table1_layout_and_values():
 
 def test_csv_and_plot(tmp_path):
     records = [rec("mtt", {"roc_auc": 0.9, "ap": 0.3}), rec("gs_key", {"weighted": 0.5}, table=["weighted"]),
-               rec("mtt", {"roc_auc": 0.8, "ap": 0.2}, seed=7), rec("beat", {"f_marble_70": 0.7}, layers=5)]
+               rec("mtt", {"roc_auc": 0.8, "ap": 0.2}, seed=7), rec("beat", {"f_70ms": 0.7}, layers=5)]
     probe_report.write_csv(tmp_path / "t.csv", records)
     rows = list(csv.reader(open(tmp_path / "t.csv")))
-    assert rows[0] == ["model", "model_tag", "seed", "mtt/roc_auc", "mtt/ap", "gs_key/weighted", "beat/f_marble_70"]
+    assert rows[0] == ["model", "model_tag", "seed", "mtt/roc_auc", "mtt/ap", "gs_key/weighted", "beat/f_70ms"]
     assert rows[1][2:] == ["1234", "0.9", "0.3", "0.5", "0.7"] and rows[2][2:] == ["7", "0.8", "0.2", "", ""]
     png = probe_report.plot_layer_weights(records, str(tmp_path / "w.png"), "ckpt")
     data = open(png, "rb").read()
