@@ -103,11 +103,12 @@ TASKS = {
     "vocalset_singer": Task(lambda root: downstream.read_vocalset(root, "singer"), "multiclass", 20, ("acc",),
                             epochs=100, patience=20, plateau_patience=5, features="vocalset", extraction=VOCALSET,
                             item="window"),
-    # GiantSteps: MARBLE cuts each track into 30 s files (a partial last one dropped), each z-normalised on its own;
-    # every window is a training item, and songs are ensembled at evaluation (probe_metrics.key_metrics)
+    # GiantSteps: MARBLE cuts each track into 30 s files (a partial last one dropped; whole within 0.1 s, as it
+    # measures tracks by ffprobe's container duration, which counts the mp3's encoder delay and padding, ~50 ms),
+    # each z-normalised on its own; every window is a training item, and songs are ensembled at evaluation
     "gs_key": Task(downstream.read_giantsteps, "multiclass", 24, ("weighted", "acc", "clip_acc") + tuple(
         f"weighted_{s}" for s in ENSEMBLES), epochs=100, patience=20, plateau_patience=5, features="giantsteps",
-        extraction=Extraction(window=30.0, min_last=30.0, normalize="window"), item="window", score=key_metrics,
+        extraction=Extraction(window=30.0, min_last=29.9, normalize="window"), item="window", score=key_metrics,
         table=("weighted",)),
     # MTG-Jamendo: full tracks in 30 s windows, one feature store for the four subsets (MARBLE's Music2Vec config
     # probes genre on layer 7 only; here every task starts from the same --layers)
@@ -663,8 +664,9 @@ def task_extraction(task, args):
     """The task's extraction with --window / --crop applied (either changes the cache key)."""
     ext = task.extraction
     if args.window is not None:  # a task that keeps only whole windows (GiantSteps) still does with another length
-        whole = ext.min_last == ext.window
-        ext = dataclasses.replace(ext, window=args.window, min_last=args.window if whole else ext.min_last)
+        slack = ext.window - ext.min_last
+        whole = slack < 0.5
+        ext = dataclasses.replace(ext, window=args.window, min_last=args.window - slack if whole else ext.min_last)
     if args.crop is not None:
         ext = dataclasses.replace(ext, crop=args.crop or None)
     return ext
