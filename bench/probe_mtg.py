@@ -91,7 +91,7 @@ def child(args):
                     for line in f.read().split("\r\n")[1:]:
                         if line:
                             fields = line.split("\t")
-                            durations[downstream.mtg_audio(tmp, fields[3])] = float(fields[4])
+                            durations[downstream.mtg_audio(fields[3])] = float(fields[4])
         encoder = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
         states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
         ext = pf.Extraction()

@@ -365,8 +365,9 @@ GS_BUCKETS, GS_TRAIN_BUCKETS = 116, 100  # Jukemir: sha1(artist) mod 116, bucket
 
 def _gs_repo(root, name):
     """<root>/<name>, or a GitHub archive's <name>-<commit> folder (MARBLE keeps the commit in the name)."""
-    found = [f for f in sorted(os.listdir(root)) if f == name or f.startswith(name + "-")] if os.path.isdir(root) \
-        else []
+    found = []
+    if os.path.isdir(root):
+        found = [f for f in sorted(os.listdir(root)) if f == name or f.startswith(name + "-")]
     return os.path.join(root, found[0] if found else name)
 
 
@@ -413,10 +414,13 @@ def gs_artist_splits(metadata):
 
 
 def _gs_audio(root, repo, track_id):
+    """The track's mp3 under the root: in its repository's audio/ (audio_dl.sh), else in one audio/ beside the
+    repositories (MARBLE's download)."""
     rel = os.path.relpath(os.path.join(repo, "audio", f"{track_id}.LOFI.mp3"), root)
-    shared = os.path.join("audio", f"{track_id}.LOFI.mp3")  # MARBLE's download: one audio/ folder for both sets
-    return shared if not os.path.exists(os.path.join(root, rel)) and os.path.exists(os.path.join(root, shared)) \
-        else rel
+    shared = os.path.join("audio", f"{track_id}.LOFI.mp3")
+    if not os.path.exists(os.path.join(root, rel)) and os.path.exists(os.path.join(root, shared)):
+        return shared
+    return rel
 
 
 def read_giantsteps(root):
@@ -459,7 +463,8 @@ def read_giantsteps(root):
 # ------------------------------------------------------------------------------------------------------------------
 # MTG-Jamendo autotagging (Bogdanov et al. 2019), split-0 as MARBLE: the repository's
 # data/splits/split-0/autotagging_<subset>-{train,validation,test}.tsv and the audio-low download,
-# audio-low/<NN>/<id>.low.mp3 (full tracks). MARBLE's layout: <root>/mtg-jamendo-dataset/ (the clone) + <root>/audio-low/.
+# audio-low/<NN>/<id>.low.mp3 (full tracks). MARBLE's layout: <root>/mtg-jamendo-dataset/ (the clone) and
+# <root>/audio-low/.
 
 MTG_SOURCE = ("https://github.com/MTG/mtg-jamendo-dataset (clone it into the root; audio: scripts/download/download.py "
               "--dataset raw_30s --type audio-low <root>/audio-low --unpack)")
@@ -483,6 +488,8 @@ def read_mtg_tsv(path):
     out = []
     with open(path, encoding="utf-8", newline="") as f:
         for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             fields = line.rstrip("\r\n").split("\t")
             if line_no == 1:
                 if fields != MTG_COLUMNS:
@@ -497,12 +504,16 @@ def read_mtg_tsv(path):
     return out
 
 
-def mtg_audio(root, path):
-    """PATH "82/382.mp3" -> "audio-low/82/382.low.mp3" (MARBLE), or "audio/82/382.mp3" when only the full-quality
-    download is there."""
-    low = "audio-low/" + path[:-len(".mp3")] + ".low.mp3" if path.endswith(".mp3") else "audio-low/" + path
-    return "audio/" + path if not os.path.isdir(os.path.join(root, "audio-low")) and \
-        os.path.isdir(os.path.join(root, "audio")) else low
+def mtg_low_quality(root):
+    """MARBLE reads the audio-low download; only the full-quality one (audio/) there: that one."""
+    return os.path.isdir(os.path.join(root, "audio-low")) or not os.path.isdir(os.path.join(root, "audio"))
+
+
+def mtg_audio(path, low=True):
+    """PATH "82/382.mp3" -> "audio-low/82/382.low.mp3" (MARBLE), or "audio/82/382.mp3" (full quality)."""
+    if not low:
+        return "audio/" + path
+    return "audio-low/" + (path[:-len(".mp3")] + ".low.mp3" if path.endswith(".mp3") else path)
 
 
 def read_mtg(root, subset):
@@ -518,12 +529,12 @@ def read_mtg(root, subset):
         for _, _, track_tags in rows[split]:
             for t in track_tags:
                 tags.setdefault(t, len(tags))
-    clips = []
+    clips, low = [], mtg_low_quality(root)
     for split in ("train", "valid", "test"):
         for _, path, track_tags in rows[split]:
             y = np.zeros(len(tags), np.float32)
             y[[tags[t] for t in track_tags]] = 1
-            clips.append(_clip(root, mtg_audio(root, path), split, y))
+            clips.append(_clip(root, mtg_audio(path, low), split, y))
     return Listing(clips, list(tags))
 
 

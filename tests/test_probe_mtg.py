@@ -81,6 +81,8 @@ def test_split_files_and_vocabulary_order(tmp_path):
     assert clips[0].key == "audio-low/01/1.low.mp3" and clips[0].path == str(tmp_path / "audio-low/01/1.low.mp3")
     np.testing.assert_array_equal(clips[2].label, [0, 1, 0, 1, 0])
     assert clips[2].label.dtype == np.float32 and not any("\r" in t for t in listing.labels)
+    (tmp_path / "audio").mkdir()  # only the full-quality download: audio/NN/<id>.mp3
+    assert downstream.read_mtg(str(tmp_path), "moodtheme").clips[0].key == "audio/01/1.mp3"
 
 
 def test_split_file_errors_name_the_line(tmp_path):
