@@ -101,18 +101,14 @@ def table1(records):
     header = ["Dataset"] + [TABLE_NAMES.get(t, t) if i == 0 or cols[i - 1][0] != t else "" for i, (t, _) in
                             enumerate(cols)]
     lines = [header, ["Metrics"] + [METRIC_NAMES.get(m, m) for _, m in cols]]
-    seeds = set()
     for key, tasks in rows.items():
-        cells = []
-        for t, m in cols:
-            values = [r["metrics"][m] for r in tasks.get(t, {}).values() if r["metrics"].get(m) is not None]
-            seeds |= {len(tasks.get(t, {}))}
-            cells.append(_cell(values))
-        lines.append([labels[key]] + cells)
+        lines.append([labels[key]] + [_cell([r["metrics"][m] for r in tasks.get(t, {}).values()
+                                             if r["metrics"].get(m) is not None]) for t, m in cols])
     width = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, width)) + " |"
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [fmt(line) for line in lines[1:]]
-    note = "values x 100" + ("; mean ± sd over seeds" if max(seeds, default=1) > 1 else "")
+    seeds = any(len(runs) > 1 for tasks in rows.values() for runs in tasks.values())
+    note = "values x 100" + ("; mean ± sd over seeds" if seeds else "")
     return "\n".join(out) + f"\n\n{note}\n"
 
 
