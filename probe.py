@@ -5,6 +5,8 @@
     python probe.py --task nsynth_pitch,nsynth_instr --model out/ckpt.pt random --data-root synth/nsynth
     python probe.py --task emo --model out/ckpt.pt --data-root ~/data/emo --save-heads heads/
     python probe.py predict --heads heads/ --model out/ckpt.pt song.mp3 other.wav
+    python probe.py --task all --model out/ckpt.pt --data-root ~/data          # every data set found; Table 1
+    python probe.py report runs/probe_results.jsonl other/probe_results.jsonl --out runs/compare
 
 1. Extract (probe_features.py): every clip is z-normalised once, cut into the task's windows, run through the frozen
    encoder, and each of the layers+1 hidden states is mean-pooled per window. The rows go into a memory-mapped
@@ -16,7 +18,9 @@
 3. --sweep trains the benchmark's whole grid (6 lrs x {weighted, each state}) as one set of heads, one batched matmul
    per layer group, and reports the test score of the validation-best cell.
 One JSON line per (task, model) is appended to --results, and a readable line is printed. --save-heads keeps the
-chosen head; `probe.py predict` applies saved heads to new audio.
+chosen head; `probe.py predict` applies saved heads to new audio. `--task all` runs every task whose data set is in
+its folder under --data-root and ends with the paper's Table 1 and a layer-weight plot per model; `probe.py report`
+builds that table from results lines (probe_report.py). Metrics: probe_metrics.py.
 Protocol facts and where MARBLE's code differs from the papers: ../shared/spec/probe.md (summarised in README).
 """
 import argparse
@@ -29,16 +33,19 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 
 from data import downstream
 from data.audio import AudioError
 from model import Encoder, EncoderConfig, load_pretrained
+from probe_metrics import ENSEMBLES, key_metrics, monitored, split_metrics
+from probe_metrics import (accuracy, macro_average_precision, macro_roc_auc, monitor_scores,  # noqa: F401
+                           r2_per_dim, task_metrics)  # (probe.<metric> still names them, as before the move)
+import probe_report
 from probe_features import (Extraction, FeatureStore, Rows, StoreError, cache_key, clip_windows, extract,
                             pooled_hidden_states, rows_of, store_path)
 
@@ -69,6 +76,9 @@ class Task:
     features: str = ""  # feature-store name: tasks over the same audio (and the same extraction) share one
     extraction: Extraction = Extraction()  # how a clip becomes windows (default: MARBLE's 30 s windows)
     item: str = "clip"  # what one train/eval item is: a clip (its windows' logits averaged), or each "window"
+    score: Optional[Callable] = None  # (outputs, split, names, valid) -> metrics, when items are not what is scored
+    table: tuple = ()  # the metrics in the Table-1 layout (default: all of `metrics`)
+    folder: str = ""  # the data set's folder under `--task all --data-root ROOT` (default: `features`)
 
 
 # VocalSet: MARBLE's preprocess trims leading silence, cuts 2.993 s chunks at 44.1 kHz (remainder dropped) and writes
@@ -86,13 +96,27 @@ TASKS = {
     # MARBLE's Music2Vec config uses 30 s windows over the whole 45 s clip: --window 30 --crop 0
     "emo": Task(downstream.read_emo, "regression", 2, ("r2", "arousal_r2", "valence_r2"),
                 epochs=100, patience=20, plateau_patience=5, features="emo", extraction=Extraction(window=5.0,
-                                                                                                  crop=30.0)),
+                                                                                                  crop=30.0),
+                table=("valence_r2", "arousal_r2")),
     "vocalset_tech": Task(lambda root: downstream.read_vocalset(root, "technique"), "multiclass", 10, ("acc",),
                           epochs=100, patience=10, plateau_patience=5, features="vocalset", extraction=VOCALSET,
                           item="window"),
     "vocalset_singer": Task(lambda root: downstream.read_vocalset(root, "singer"), "multiclass", 20, ("acc",),
                             epochs=100, patience=20, plateau_patience=5, features="vocalset", extraction=VOCALSET,
                             item="window"),
+    # GiantSteps: MARBLE cuts each track into 30 s files (a partial last one dropped; whole within 0.1 s, as it
+    # measures tracks by ffprobe's container duration, which counts the mp3's encoder delay and padding, ~50 ms),
+    # each z-normalised on its own; every window is a training item, and songs are ensembled at evaluation
+    "gs_key": Task(downstream.read_giantsteps, "multiclass", 24, ("weighted", "acc", "clip_acc") + tuple(
+        f"weighted_{s}" for s in ENSEMBLES), epochs=100, patience=20, plateau_patience=5, features="giantsteps",
+        extraction=Extraction(window=30.0, min_last=29.9, normalize="window"), item="window", score=key_metrics,
+        table=("weighted",)),
+    # MTG-Jamendo: full tracks in 30 s windows, one feature store for the four subsets (MARBLE's Music2Vec config
+    # probes genre on layer 7 only; here every task starts from the same --layers)
+    **{f"mtg_{name}": Task(lambda root, subset=subset: downstream.read_mtg(root, subset), "multilabel", n,
+                           ("roc_auc", "ap"), epochs=100, patience=10, plateau_patience=3, features="mtg")
+       for name, subset, n in (("instrument", "instrument", 40), ("moodtheme", "moodtheme", 56),
+                               ("genre", "genre", 87), ("top50", "top50tags", 50))},
     "mtt": Task(downstream.read_mtt, "multilabel", 50, ("roc_auc", "ap"),
                 epochs=100, patience=10, plateau_patience=3, features="mtt"),
 }
@@ -104,92 +128,6 @@ MODEL_CONFIGS = {
     "hubert_base": EncoderConfig.hubert_base, "wav2vec2_base": EncoderConfig.wav2vec2_base,
     "data2vec_base": EncoderConfig.data2vec_base, "tiny": lambda: EncoderConfig.hubert_base(**TINY),
 }
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# metrics (torchmetrics in MARBLE; these equal sklearn's accuracy_score, roc_auc_score / average_precision_score
-# with average="macro", and r2_score per output). Scores may carry a leading head axis: [heads, N, C].
-
-def _scalar(x):
-    return float(x) if np.ndim(x) == 0 else x
-
-
-def accuracy(scores, y):
-    return _scalar((np.asarray(scores).argmax(-1) == np.asarray(y)).mean(-1))
-
-
-def _usable_columns(y):
-    """Labels with both positives and negatives in `y`: AUC and AP are undefined for the others, which are left out
-    of the macro average (sklearn raises; torchmetrics warns and scores them 0)."""
-    pos = y.sum(0)
-    return np.flatnonzero((pos > 0) & (pos < len(y)))
-
-
-def macro_roc_auc(scores, y):
-    """Mann-Whitney form of the AUC per label, ties counted half (average ranks), then the mean over labels."""
-    scores, y = np.asarray(scores, np.float64), np.asarray(y) > 0.5
-    cols = _usable_columns(y)
-    if len(cols) == 0:
-        return _scalar(np.full(scores.shape[:-2], np.nan))
-    t = y[:, cols]
-    ranks = rankdata(scores[..., cols], axis=-2)
-    n_pos = t.sum(0)
-    n_neg = len(t) - n_pos
-    auc = ((ranks * t).sum(-2) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return _scalar(auc.mean(-1))
-
-
-def average_precision(scores, y):
-    """Sum over distinct score thresholds (high to low) of (recall step) x precision at that threshold, as sklearn."""
-    order = np.argsort(-scores, kind="stable")
-    s, t = scores[order], y[order].astype(np.float64)
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    tp = np.cumsum(t)[last_of_tie]
-    precision = tp / (last_of_tie + 1)
-    recall_step = np.diff(np.r_[0.0, tp]) / t.sum()
-    return float((recall_step * precision).sum())
-
-
-def macro_average_precision(scores, y):
-    scores, y = np.asarray(scores, np.float64), np.asarray(y) > 0.5
-    cols = _usable_columns(y)
-    if len(cols) == 0:
-        return float("nan")
-    return float(np.mean([average_precision(scores[:, c], y[:, c]) for c in cols]))
-
-
-def r2_per_dim(pred, y):
-    pred, y = np.asarray(pred, np.float64), np.asarray(y, np.float64)
-    ss_res = ((y - pred) ** 2).sum(-2)
-    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
-    return 1.0 - ss_res / ss_tot
-
-
-def task_metrics(kind, outputs, y, names):
-    """outputs: clip-level logits (or regression outputs) N x C of one head."""
-    out = {}
-    if kind == "multiclass":
-        out["acc"] = accuracy(outputs, y)
-    elif kind == "multilabel":
-        if "roc_auc" in names:
-            out["roc_auc"] = macro_roc_auc(outputs, y)
-        if "ap" in names:  # AP is slow-ish: only computed when asked for (test), not every validation epoch
-            out["ap"] = macro_average_precision(outputs, y)
-    else:
-        r2 = r2_per_dim(outputs, y)
-        out.update(r2=float(r2.mean()), arousal_r2=float(r2[0]), valence_r2=float(r2[1]))
-    return {k: out[k] for k in names}
-
-
-def monitor_scores(kind, metric, outputs, y):
-    """The monitored validation metric of every head at once: outputs H x N x C -> H scores."""
-    if metric == "acc":
-        return accuracy(outputs, y)
-    if metric == "roc_auc":
-        return macro_roc_auc(outputs, y)
-    if metric == "r2":
-        return r2_per_dim(outputs, y).mean(-1)
-    return np.array([task_metrics(kind, o, y, (metric,))[metric] for o in outputs])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -415,10 +353,12 @@ def clip_average(outputs, rows, num_clips):
 
 @dataclass
 class SplitData:
-    """One split of one task: item i is rows starts[i] .. starts[i] + counts[i] - 1 of the store, label y[i]."""
+    """One split of one task: item i is rows starts[i] .. starts[i] + counts[i] - 1 of the store, label y[i], from
+    clip owner[i] of the split (items are windows of clips for item="window" tasks)."""
     starts: np.ndarray
     counts: np.ndarray
     y: torch.Tensor
+    owner: Optional[np.ndarray] = None
 
     def __len__(self):
         return len(self.starts)
@@ -428,7 +368,7 @@ def split_data(store, clips, task):
     starts, counts, owner = store.item_rows([c.key for c in clips], task.item)
     labels = [clips[i].label for i in owner]
     y = torch.tensor(labels, dtype=torch.long) if task.kind == "multiclass" else torch.tensor(np.stack(labels))
-    return SplitData(starts, counts, y)
+    return SplitData(starts, counts, y, owner)
 
 
 @torch.no_grad()
@@ -504,8 +444,7 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
             loss.backward()
             opt.step()
         outputs = evaluate(heads, rows, valid)
-        scores = torch.as_tensor(monitor_scores(task.kind, monitor, outputs.numpy(), valid.y.numpy()),
-                                 dtype=torch.float32).reshape(H)
+        scores = torch.as_tensor(monitored(task, outputs.numpy(), valid), dtype=torch.float32).reshape(H)
         scores = torch.nan_to_num(scores, nan=float("-inf"))
         improved = active & (scores > best)
         with torch.no_grad():
@@ -539,10 +478,10 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
     for k in range(K):
         for c in range(C):
             h = c * K + k
+            valid_metrics = split_metrics(task, valid_out[h].numpy(), valid)
             results.append(dict(
                 layers=layer_choices[c], lr=lrs[k], best_epoch=int(best_epoch[h]) + 1, best_valid=float(best[h]),
-                valid=task_metrics(task.kind, valid_out[h].numpy(), valid.y.numpy(), task.metrics),
-                test=task_metrics(task.kind, test_out[h].numpy(), data["test"].y.numpy(), task.metrics),
+                valid=valid_metrics, test=split_metrics(task, test_out[h].numpy(), data["test"], valid=valid_metrics),
                 layer_weights=[round(float(w), 4) for w in weights[c, k]], cell=(c, k)))
     return results, heads
 
@@ -673,29 +612,62 @@ def select_clips(clips, max_clips):
     return out
 
 
-def task_data(task_name, data_root, max_clips):
+def load_task(task_name, data_root, max_clips):
+    """(task, listing) with every audio file present, or DataSetError saying what is missing where."""
     task = TASKS[task_name]
-    try:
-        listing = task.reader(data_root)
-    except downstream.DataSetError as e:
-        sys.exit(f"{task_name}: {e}")
+    listing = task.reader(data_root)
     clips = select_clips(listing.clips, max_clips)
     missing = [c.path for c in clips if not os.path.isfile(c.path)]
     if missing:
-        sys.exit(f"{task_name}: {missing[0]}: audio file not found ({len(missing)} of {len(clips)} clips missing); "
-                 f"is --data-root the folder the data set was unpacked into? It is published at "
-                 f"{downstream.SOURCES[task.features]}")
+        source = downstream.SOURCES.get(task.features)
+        raise downstream.DataSetError(
+            f"{missing[0]}: audio file not found ({len(missing)} of {len(clips)} clips missing); is --data-root the "
+            f"folder the data set was unpacked into?" + (f" It is published at {source}" if source else ""))
     for split in ("train", "valid", "test"):
         if not any(c.split == split for c in clips):
-            sys.exit(f"{task_name}: no {split} clips found under {data_root}")
+            raise downstream.DataSetError(f"no {split} clips found under {data_root}")
+    if len(listing.labels) != task.num_classes:  # MTG's tag lists come from the split files
+        task = dataclasses.replace(task, num_classes=len(listing.labels))
     return task, dataclasses.replace(listing, clips=clips)
+
+
+def task_data(task_name, data_root, max_clips):
+    try:
+        return load_task(task_name, data_root, max_clips)
+    except downstream.DataSetError as e:
+        sys.exit(f"{task_name}: {e}")
+
+
+def task_root(task_name, root):
+    """Where --task all looks for a task's data set: ROOT/<folder> (README, "Data set folders")."""
+    task = TASKS[task_name]
+    return os.path.join(root, task.folder or task.features or task_name)
+
+
+def available_tasks(tasks, root, max_clips, log=print):
+    """--task all: the tasks whose data set is under ROOT in its conventional folder; one line for each skipped."""
+    found = []
+    for task_name in tasks:
+        folder = task_root(task_name, root)
+        if not os.path.isdir(folder):
+            log(f"skip {task_name}: {folder}: no such folder")
+            continue
+        try:
+            load_task(task_name, folder, max_clips)
+        except downstream.DataSetError as e:
+            log(f"skip {task_name}: {e}")
+            continue
+        found.append(task_name)
+    return found
 
 
 def task_extraction(task, args):
     """The task's extraction with --window / --crop applied (either changes the cache key)."""
     ext = task.extraction
-    if args.window is not None:
-        ext = dataclasses.replace(ext, window=args.window)
+    if args.window is not None:  # a task that keeps only whole windows (GiantSteps) still does with another length
+        slack = ext.window - ext.min_last
+        whole = slack < 0.5
+        ext = dataclasses.replace(ext, window=args.window, min_last=args.window - slack if whole else ext.min_last)
     if args.crop is not None:
         ext = dataclasses.replace(ext, crop=args.crop or None)
     return ext
@@ -745,7 +717,8 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
                   sweep=bool(args.sweep), heads=len(results), seed=args.seed, clips=n_clips,
                   windows={s: int(d.counts.sum()) for s, d in data.items()},
                   items={s: len(d) for s, d in data.items()}, item=task.item, extraction=asdict(ext),
-                  skipped=sorted(failed.values()), seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)))
+                  skipped=sorted(failed.values()), seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)),
+                  table=list(task.table or task.metrics))
     if args.sweep:
         record["grid"] = [dict(layers=x["layers"], lr=x["lr"], valid=x["best_valid"], test=x["test"])
                           for x in results]
@@ -765,12 +738,15 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="python probe.py predict --help: apply saved heads to audio files")
-    p.add_argument("--task", required=True, help=f"comma-separated, from: {', '.join(TASKS)}")
+                                epilog="python probe.py predict --help: apply saved heads to audio files; "
+                                       "python probe.py report --help: tabulate results lines")
+    p.add_argument("--task", required=True, help=f"comma-separated, from: {', '.join(TASKS)}; or 'all': every "
+                   "task whose data set is found under --data-root in its conventional folder (README)")
     p.add_argument("--model", required=True, nargs="+",
                    help="our checkpoint (.pt), a Hugging Face model folder, or 'random'; several are run in turn "
                         "and printed side by side")
-    p.add_argument("--data-root", required=True, help="the folder the task's data set was unpacked into")
+    p.add_argument("--data-root", required=True, help="the folder the task's data set was unpacked into; with "
+                   "--task all, the folder holding the data set folders (nsynth/, gtzan/, ...)")
     p.add_argument("--model-config", default=None, choices=sorted(MODEL_CONFIGS),
                    help="architecture of --model random (default: that of the first other --model, else "
                         "hubert_base)")
@@ -796,9 +772,13 @@ def parse_args(argv):
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU)")
     p.add_argument("--cache-dir", default=CACHE_DIR)
-    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--results", default=RESULTS, help="JSON lines appended per run; with --task all, the "
+                   "Table-1 files go to <its folder>/<model tag>/ (default runs/)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    args.all = args.tasks == ["all"]
+    if args.all:
+        args.tasks = list(TASKS)
     try:
         args.seeds = [int(v) for v in args.seed.split(",") if v.strip()]
     except ValueError:
@@ -823,11 +803,21 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    """Runs every (model, seed, task); returns {(task, model, seed): record}. `predict ...` applies saved heads."""
+    """Runs every (model, seed, task); returns {(task, model, seed): record}. `predict ...` applies saved heads,
+    `report ...` tabulates results lines (probe_report.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
+    if argv[:1] == ["report"]:
+        return probe_report.report_main(argv[1:])
     args = parse_args(argv)
+    roots = {t: args.data_root for t in args.tasks}
+    if args.all:  # each data set in its own folder under ROOT; the missing ones are skipped with one line each
+        args.tasks = available_tasks(args.tasks, args.data_root, args.max_clips)
+        if not args.tasks:
+            sys.exit(f"--task all: no data set found under {args.data_root} (folders: see README, 'Data set "
+                     "folders')")
+        roots = {t: task_root(t, args.data_root) for t in args.tasks}
     others = [m for m in args.model if m != "random"]
     records = {}
     random_cfg = None
@@ -845,24 +835,14 @@ def main(argv=None):
                 encoder, tag = load_model(spec, random_cfg, seed)
             for task_name in args.tasks:
                 records[task_name, spec, seed] = run(task_name, spec, encoder, tag, argparse.Namespace(
-                    **{**vars(args), "seed": seed}))
+                    **{**vars(args), "seed": seed, "data_root": roots[task_name]}))
         del encoder
-    if len(args.model) > 1 or len(args.seeds) > 1:  # one row per task, one column per model
-        many = len(args.seeds) > 1
-        cells = {}
-        for (task_name, spec, _), r in records.items():
-            for metric, value in r["metrics"].items():
-                cells.setdefault((task_name, metric, spec), []).append(value)
-        cell = lambda v: f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if many else f"{v[0]:.4f}"
-        width = max(max(len(m) for m in args.model), 17 if many else 6) + 2
-        print()
-        if many:
-            print("mean ± sd over seeds " + ",".join(map(str, args.seeds)))
-        print("task".ljust(16) + "metric".ljust(12) + "".join(m.rjust(width) for m in args.model))
-        for task_name in args.tasks:
-            for metric in TASKS[task_name].metrics:
-                print(task_name.ljust(16) + metric.ljust(12) + "".join(
-                    cell(cells[task_name, metric, m]).rjust(width) for m in args.model))
+    if args.all:  # the paper's Table 1: printed, and per model in <results folder>/<model tag>/ with the plot
+        print("\n" + probe_report.table1(list(records.values())))
+        probe_report.write_model_files(os.path.dirname(os.path.abspath(args.results)), list(records.values()))
+    elif len(args.model) > 1 or len(args.seeds) > 1:  # one row per task, one column per model
+        print(probe_report.side_by_side(records, args.tasks, args.model, args.seeds,
+                                        {t: TASKS[t].metrics for t in args.tasks}))
     return records
 
 
