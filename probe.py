@@ -99,7 +99,7 @@ TASKS = {
     # beat tracking: the frame-level path (probe_frames.py); MARBLE's GTZANBT_base_config.yaml: lr 1e-3, 100
     # epochs, early stopping 20, plateau 6, monitor valid_beat_f
     "gtzan_beat": Task(beats.read_gtzan_beat, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
-                       plateau_patience=6, features="gtzan_frames", extraction=probe_frames.FRAMES, item="track"),
+                       plateau_patience=6, features="gtzan", extraction=probe_frames.FRAMES, item="track"),
     "beat": Task(beats.read_beat_folder, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
                  plateau_patience=6, features="beat", extraction=probe_frames.FRAMES, item="track"),
 }

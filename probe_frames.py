@@ -29,7 +29,6 @@ track is scored by decoding its whole activation with madmom's DBN.
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -53,6 +52,7 @@ from probe_features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError
                             store_path, znorm)
 
 BEAT_METRICS = ("f_70ms", "f_20ms", "track_f_70ms", "track_f_20ms")  # the first is the headline and the monitor
+BEAT_TABLE = ("f_70ms", "track_f_70ms")  # the Table-1 columns (probe_report.py): the headline and the standard
 TOLERANCES = {"70ms": 0.07, "20ms": 0.02}  # MARBLE's code: 70 ms; the papers' text: 20 ms
 CROP_SECONDS = 10.0  # MARBLE v1: a random 10 s crop of each training track per epoch
 NEIGHBOURS = 1  # training labels: frames within 1 of a beat's frame are positive too (MARBLE v1's CE variant)
@@ -402,7 +402,7 @@ def score_heads(heads, rows, split, fps, decoder, cap, which=None, full=True):
 
     if len(idx):
         for t, logits in track_logits(heads, rows, split, cap):
-            act = torch.sigmoid(logits[torch.from_numpy(idx)]).numpy()
+            act = torch.sigmoid(logits[torch.from_numpy(idx)].double()).numpy()  # float64: no 0 for madmom's log
             for h, a in zip(idx, act):
                 jobs.append((a, split.beats[t], fps, full))
                 owners.append(h)
@@ -608,7 +608,7 @@ def run(task_name, task, model_spec, encoder, tag, args, log=print):
                   beats={s: int(sum(len(b) for b in d.beats)) for s, d in data.items()},
                   items={s: len(d) for s, d in data.items()}, item="track", extraction=asdict(ext),
                   headline=BEAT_METRICS[0], fps=fps, skipped=sorted(failed.values()),
-                  seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)))
+                  seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)), table=list(BEAT_TABLE))
     if args.sweep:
         record["grid"] = [dict(layers=x["layers"], lr=x["lr"], valid=x["best_valid"], test=x["test"])
                           for x in results]
@@ -661,4 +661,4 @@ def predict_beats(encoder, heads, blob, path, device):
     for x, keep in frame_inputs(read_track(path, ext), ext, field, stride):
         h = frame_hidden_states(encoder, [x], [keep], states, device)[0]
         logits.append(head_logits(heads, torch.from_numpy(h).to(device))[0].float().cpu())
-    return decode_beats(torch.sigmoid(torch.cat(logits)).numpy(), SAMPLE_RATE / stride)
+    return decode_beats(torch.sigmoid(torch.cat(logits).double()).numpy(), SAMPLE_RATE / stride)

@@ -23,7 +23,7 @@ GTZAN_RHYTHM_DIRS = ("GTZAN-Rhythm_v2_ismir2015_lbd/jams", "GTZAN-Rhythm_v2_ismi
                      "jams")
 BEATS_SOURCE = ("your own folder: <name>.wav|flac|ogg|mp3 with <name>.beats (one beat a line: time in seconds, "
                 "optionally a tab and the beat's position in the bar), optional train.txt / valid.txt / test.txt")
-SOURCES = {"gtzan_frames": f"{GTZAN_SOURCE}; beats: {GTZAN_RHYTHM_SOURCE}", "beat": BEATS_SOURCE}
+SOURCES = {"gtzan": f"{GTZAN_SOURCE}; beats: {GTZAN_RHYTHM_SOURCE}", "beat": BEATS_SOURCE}
 SPLIT_SEED = 1234  # the 70/15/15 split of a folder without split lists: fixed, so every probe seed sees one split
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 

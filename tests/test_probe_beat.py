@@ -356,6 +356,7 @@ def test_gtzan_beat_clicks_end_to_end(tmp_path, capsys):
     assert record["clips"] == record["items"] == {"train": 6, "valid": 6, "test": 6}
     assert set(record["metrics"]) == set(record["valid"]) == set(pfr.BEAT_METRICS)
     assert record["headline"] == "f_70ms" and record["item"] == "track" and record["fps"] == 50.0
+    assert record["table"] == ["f_70ms", "track_f_70ms"]  # the Table-1 columns of probe_report.py
     n = int(12.0 * SR) // 320 + 1  # 12 s at 22,050 Hz -> 192,000 samples at 16 kHz
     assert record["frames"] == {s: 6 * n for s in ("train", "valid", "test")}
     assert record["extraction"]["pooling"] == "frames" and record["extraction"]["states"] is None
