@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import downstream
+import probe_frames
+from data import beats, downstream
 from data.audio import AudioError
 from model import Encoder, EncoderConfig, load_pretrained
 from probe_metrics import ENSEMBLES, key_metrics, monitored, split_metrics
@@ -119,6 +120,12 @@ TASKS = {
                                ("genre", "genre", 87), ("top50", "top50tags", 50))},
     "mtt": Task(downstream.read_mtt, "multilabel", 50, ("roc_auc", "ap"),
                 epochs=100, patience=10, plateau_patience=3, features="mtt"),
+    # beat tracking: the frame-level path (probe_frames.py); MARBLE's GTZANBT_base_config.yaml: lr 1e-3, 100
+    # epochs, early stopping 20, plateau 6, monitor valid_beat_f
+    "gtzan_beat": Task(beats.read_gtzan_beat, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
+                       plateau_patience=6, features="gtzan", extraction=probe_frames.FRAMES, item="track"),
+    "beat": Task(beats.read_beat_folder, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
+                 plateau_patience=6, features="beat", extraction=probe_frames.FRAMES, item="track"),
 }
 
 # a small random encoder for tests and smoke runs (extraction in milliseconds on CPU)
@@ -570,6 +577,17 @@ def predict_main(argv):
                 sys.exit(f"{file}: trained on {len(blob['head']['layer_weights'])} hidden states of "
                          f"{blob['head']['w1'].shape[0]} dims; --model {args.model} gives {enc.cfg.layers + 1} "
                          f"of {enc.cfg.dim}")
+            if blob["kind"] == "beat":  # a frame-level head: the file's beat times (probe_frames.py)
+                try:
+                    times = probe_frames.predict_beats(enc, heads, blob, path, args.device)
+                except AudioError as e:
+                    print(f"{e}", file=sys.stderr)
+                    failures += 1
+                    break
+                out.append(dict(file=path, task=blob["task"], beats=[round(float(t), 3) for t in times]))
+                print(json.dumps(out[-1]) if args.json else
+                      f"{path}\t{blob['task']}\t{len(times)} beats: " + " ".join(f"{t:.2f}" for t in times))
+                continue
             ext = Extraction(**blob["extraction"])
             try:
                 if ext not in windows:
@@ -674,6 +692,8 @@ def task_extraction(task, args):
 
 
 def run(task_name, model_spec, encoder, tag, args, log=print):
+    if TASKS[task_name].kind == "beat":  # frame features, beat decoding: probe_frames.py
+        return probe_frames.run(task_name, TASKS[task_name], model_spec, encoder, tag, args, log)
     task, listing = task_data(task_name, args.data_root, args.max_clips)
     clips = listing.clips
     ext = task_extraction(task, args)

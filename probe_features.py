@@ -265,6 +265,7 @@ class FeatureStore:
         if write and size > self.rows * self.row_bytes:  # rows of a clip whose index line was never written
             os.truncate(self.data_path, self.rows * self.row_bytes)
         self._array = None
+        self._part, self._part_rows = None, 0  # a clip being written part by part (write_part / commit)
 
     def _read_index(self):
         index, rows, good_bytes = {}, 0, 0
@@ -309,7 +310,40 @@ class FeatureStore:
             os.fsync(f.fileno())
         self._array = None
 
+    def write_part(self, a):
+        """Rows of the clip being written, appended now; its index line comes with commit(). A long track's frame
+        rows (probe_frames.py) go to disk window by window, so memory holds one window, not the track."""
+        if tuple(a.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of shape {a.shape[1:]}, the store holds {self.row_shape}")
+        if self._part is None:
+            self._part, self._part_rows = open(self.data_path, "ab"), 0
+        self._part.write(np.ascontiguousarray(a, dtype=DTYPE).tobytes())
+        self._part_rows += len(a)
+
+    def commit(self, key):
+        """Indexes the rows written by write_part() since the last commit as clip `key` (rows fsynced first)."""
+        f, n = self._part, self._part_rows
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._part = None
+        with open(self.index_path, "a") as g:
+            g.write(json.dumps(dict(key=key, start=self.rows, rows=n)) + "\n")
+            g.flush()
+            os.fsync(g.fileno())
+        self.index[key] = (self.rows, n)
+        self.rows += n
+        self._array = None
+
+    def abandon(self):
+        """Drops the rows written since the last commit (a clip that failed part-way)."""
+        if self._part is not None:
+            self._part.close()
+            self._part = None
+            os.truncate(self.data_path, self.rows * self.row_bytes)
+
     def close(self):
+        self.abandon()
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
