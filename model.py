@@ -6,7 +6,9 @@ positional embedding and a transformer. `EncoderConfig` covers the three base re
   - data2vec 1.0 / Music2Vec: LayerNorm in every conv, five k=19 positional convs with parameter-free LayerNorm,
     per-clip waveform normalisation.
 It loads and writes Hugging Face model folders (`load_pretrained`, `save_hf`) and gives the same hidden states as
-`transformers` (tests/test_model.py). Objectives (heads, losses, EMA teachers) live in the pretrain scripts.
+`transformers` (tests/test_model.py). Objectives (heads, losses, EMA teachers) live in the pretrain scripts; the one
+exception is wav2vec 2.0's quantiser (`GumbelQuantizer`, `load_quantizer`, `codeword_indices`), whose codes are read
+by analysis code without the training script.
 """
 import dataclasses
 import json
@@ -46,7 +48,7 @@ class EncoderConfig:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
     dropout_input: float = 0.1  # on the projected features, before masking
-    dropout_features: float = 0.1  # on the conv features used as wav2vec 2.0 quantizer input (not used here)
+    dropout_features: float = 0.1  # on the wav2vec 2.0 quantizer's input (pretrain_wav2vec2.py; not in Encoder)
     layerdrop: float = 0.05
     layer_norm_eps: float = 1e-5
     # True: padded batches give exactly the hidden states of each clip alone (GroupNorm statistics over valid frames,
@@ -366,9 +368,10 @@ class GumbelQuantizer(nn.Module):
     `encoder.feature_norm(out.conv_features)` (fairseq `unmasked_features`).
 
     forward(x) in training mode: hard Gumbel-softmax at `temperature` with the straight-through gradient (the
-    forward value is exactly the chosen codewords; the gradient is that of the soft sample). In eval mode: the
-    argmax codeword per group. Returns (quantized ... x dim, codes ... x groups (long), logits ... x groups x
-    codewords (fp32))."""
+    forward value is the chosen codewords, up to float rounding; the gradient is that of the soft sample). In eval
+    mode: the argmax codeword per group. Returns (quantized ... x dim, codes ... x groups (long), logits ... x
+    groups x codewords (fp32)). `codevectors` is groups x codewords x dim/groups (fairseq `vars` and HF
+    `quantizer.codevectors` hold the same numbers as 1 x groups*codewords x dim/groups)."""
 
     def __init__(self, in_dim=512, groups=2, codewords=320, dim=256):
         super().__init__()

@@ -102,7 +102,7 @@ def gumbel_temperature(step, schedule=None):
 def sample_negatives(batch, masked, num, generator):
     """Negatives for each of the `masked` masked frames of each clip: B x M x num indices into the same clip's
     masked frames, uniform with replacement over the OTHER M - 1 (fairseq sample_negatives: draw from M - 1 values,
-    shift those at or above the frame's own index up by one)."""
+    shift those at or above the frame's own index up by one). Drawn from `generator`, on its device."""
     if masked < 2:
         raise ValueError(f"{masked} masked frame(s) per clip: negatives need at least 2 (longer clips or mask_prob)")
     idx = torch.randint(0, masked - 1, (batch, masked, num), generator=generator, device=generator.device)
@@ -113,8 +113,10 @@ def contrastive_logits(context, targets, codes, negatives, temperature):
     """context, targets: B x M x D (the transformer's prediction and the quantised target of every masked frame);
     codes: B x M x G; negatives: B x M x K -> B x M x (1 + K): cosine(context, [positive, negatives]) / temperature.
     A negative with the positive's code is the same vector: it gets -inf (fairseq: neg_is_pos)."""
-    # every masked prediction against every masked target of its clip (M x M), then gather: no B x M x K x D copy
-    sim = F.normalize(context.float(), dim=-1, eps=1e-8) @ F.normalize(targets.float(), dim=-1, eps=1e-8).mT
+    # every masked prediction against every masked target of its clip (M x M), then gather: no B x M x K x D copy;
+    # in fp32 under autocast too (fairseq: cosine_similarity of .float() tensors)
+    with torch.autocast(context.device.type, enabled=False):
+        sim = F.normalize(context.float(), dim=-1, eps=1e-8) @ F.normalize(targets.float(), dim=-1, eps=1e-8).mT
     positive = sim.diagonal(dim1=1, dim2=2)[..., None]
     negative = sim.gather(2, negatives)
     same_code = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1).gather(2, negatives)
