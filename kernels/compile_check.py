@@ -79,6 +79,7 @@ class Launch:
     args: tuple
     kwargs: dict  # constexprs and scalars passed by name
     configs: list  # [(config kwargs, num_warps, num_stages)]: what the autotuner would try, or the fixed launch
+    meta: dict = dataclasses.field(default_factory=dict)  # what the launch is for (kind, dtype, head dim, ...)
 
 
 @contextlib.contextmanager
@@ -135,8 +136,10 @@ def attention_launches(arch, dtypes, head_dims, dropouts, T=1500):
                     o, lse = torch.zeros_like(q), torch.zeros(B, H, T)
                     attn._attention_backward(q, k, v, o, lse, do, lengths, p, 12345)
                 tag = f"{dname} d{D}" + (" dropout" if p else "")
-                for (fn, args, kwargs, configs), part in zip(rec, ("fwd", "bwd dkdv", "bwd dq")):
-                    out.append(Launch(f"attention {part} {tag}", fn.__name__, fn, args, kwargs, configs))
+                for (fn, args, kwargs, configs), (part, kind) in zip(rec, (("fwd", "fwd"), ("bwd dkdv", "dkdv"),
+                                                                            ("bwd dq", "dq"))):
+                    meta = dict(module="attention", kind=kind, dtype=dname, head_dim=D, dropout=bool(p))
+                    out.append(Launch(f"attention {part} {tag}", fn.__name__, fn, args, kwargs, configs, meta))
     return out
 
 
@@ -155,7 +158,7 @@ def kmeans_launches(arch, variants, dims, K=500, N=4099):
     and (fp32/bf16) the separate cluster_sums."""
     import kernels.kmeans as km
     _plan_for([km], arch)
-    km._use_triton = lambda x: True  # the launchers refuse CPU tensors outside the interpreter; here nothing runs
+    km._use_triton = lambda *a, **k: True  # the launchers refuse CPU tensors outside the interpreter; here nothing runs
     out = []
     for variant in variants:
         dtype = torch.float32 if variant in ("fp32", "tf32") else DTYPES[variant]
@@ -168,13 +171,16 @@ def kmeans_launches(arch, variants, dims, K=500, N=4099):
                     (km.assign_and_sum if fused else km.assign_nearest)(x, c, allow_tf32=variant == "tf32")
                 for fn, args, kwargs, configs in rec:
                     part = "assign+sum" if fused else "assign"
-                    out.append(Launch(f"kmeans {part} {variant} D{D}", fn.__name__, fn, args, kwargs, configs))
+                    meta = dict(module="kmeans", kind="assign", variant=variant, D=D, accumulate=fused)
+                    out.append(Launch(f"kmeans {part} {variant} D{D}", fn.__name__, fn, args, kwargs, configs, meta))
             if variant in ("fp32", "bf16"):
                 rec = []
                 with recording(rec), km.use_backend("triton"):
                     km.cluster_sums(x, torch.randint(0, K, (N,)), K)
                 for fn, args, kwargs, configs in rec:
-                    out.append(Launch(f"kmeans cluster_sums {variant} D{D}", fn.__name__, fn, args, kwargs, configs))
+                    meta = dict(module="kmeans", kind="cluster_sums", variant=variant, D=D)
+                    out.append(Launch(f"kmeans cluster_sums {variant} D{D}", fn.__name__, fn, args, kwargs, configs,
+                                      meta))
     return out
 
 
@@ -183,12 +189,17 @@ def kmeans_launches(arch, variants, dims, K=500, N=4099):
 # 3xTF32), the no-dropout forward (the dropout's cost is measured against it), and the k-means kernels at MFCC and
 # hidden-feature widths with atomics. Every kernel and both one-tile and chunked k-means variants are covered.
 def subset_launches(arch):
+    def first_config(launches):  # enough to cover a code path (and the dropout-cost comparison)
+        for launch in launches:
+            launch.configs = launch.configs[:1]
+        return launches
+
     return (attention_launches(arch, ["bf16"], [64], [0.1]) + attention_launches(arch, ["fp32"], [128], [0.1])
-            + [l for l in attention_launches(arch, ["bf16"], [64], [0.0]) if " fwd " in l.case]
+            + first_config([l for l in attention_launches(arch, ["bf16"], [64], [0.0]) if " fwd " in l.case])
             + dropout_mask_launches(arch)
             + [l for l in kmeans_launches(arch, ["fp32"], [39, 768]) if "assign+sum" in l.case
                or l.case == "kmeans cluster_sums fp32 D39"]
-            + [l for l in kmeans_launches(arch, ["bf16"], [768]) if l.case == "kmeans assign bf16 D768"])
+            + first_config([l for l in kmeans_launches(arch, ["bf16"], [768]) if l.case == "kmeans assign bf16 D768"]))
 
 
 def full_launches(arch):
@@ -294,7 +305,7 @@ def run(archs, full=False, workers=1, on_row=None):
     for arch in archs:
         for i, launch in enumerate(all_launches(arch, full)):
             base = dict(arch=arch, gpu=TARGETS[arch][0], max_shared=TARGETS[arch][1], case=launch.case,
-                        kernel=launch.kernel, num_configs=len(launch.configs),
+                        kernel=launch.kernel, num_configs=len(launch.configs), meta=launch.meta,
                         prune_error=launch.kwargs.get("_prune_error"),
                         do_not_specialize=[p.name for p in launch.fn.params if p.do_not_specialize])
             if not launch.configs:
@@ -322,10 +333,26 @@ def run(archs, full=False, workers=1, on_row=None):
 
 # ------------------------------------------------------------------------------------------------ checks
 
+CHECKS = {
+    "shared memory": "a config the autotuner may pick asks for more shared memory than the target has",
+    "no config left": "a dtype x head dim (x k-means variant) x target combination has no config that fits",
+    "spills": f"a config spills more than {MAX_SPILL_BYTES} bytes per thread",
+    "compile error": "a config does not compile for the target",
+    "too many configs": f"more than {MAX_CONFIGS_PER_LAUNCH} autotune candidates for one launch",
+    "fenced atomics": "atomics with acquire/release semantics (a GPU-wide fence and an L1 invalidate each)",
+    "seed specialised": "the dropout seed is specialised on, so 1 step in 16 recompiles",
+    "shared memory estimate": "a kernel module's static shared-memory estimate is below the compiler's figure",
+    "unaligned centroids": "k-means centroid rows are not 16-element aligned",
+    "dropout cost": "the forward with dropout compiles to over 1.6x the instructions of the forward without",
+}
+# Dropout costs one 10-round Philox per 8 scores: measured ~1.1-1.4x the instructions of the forward without it
+# (it was 1.9-3.2x with one Philox per score). 1.6x leaves room for compiler changes, not for a regression.
+MAX_DROPOUT_INSTRUCTION_RATIO = 1.6
+
+
 def failures(rows):
-    """Human-readable failed checks, grouped by check name."""
-    out = {"shared memory": [], "no config left": [], "spills": [], "compile error": [], "too many configs": [],
-           "fenced atomics": [], "seed specialised": []}
+    """{check name: [failure lines]} for the checks that failed (see CHECKS)."""
+    out = {name: [] for name in CHECKS}
     for r in rows:
         where = f"sm_{r['arch']} {r['case']}"
         if r["config"] is None:
@@ -334,6 +361,10 @@ def failures(rows):
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         if r["num_configs"] > MAX_CONFIGS_PER_LAUNCH:
             out["too many configs"].append(f"{where}: {r['num_configs']} configs")
+        if r["meta"].get("module") == "attention" and "seed" not in r["do_not_specialize"]:
+            out["seed specialised"].append(f"{where}: `seed` is specialised on")
+        if r["kernel"] == "_dropout_mask_kernel" and "seed" not in r["do_not_specialize"]:
+            out["seed specialised"].append(f"{where}: `seed` is specialised on")
         if "error" in r:
             out["compile error"].append(f"{where} [{cfg}]: {r['error']}")
             continue
@@ -343,15 +374,83 @@ def failures(rows):
             out["spills"].append(f"{where} [{cfg}]: {r['spill_stores']} B/thread spill stores, "
                                  f"{r['registers']} registers")
         fences = r["sass_ops"].get("MEMBAR", 0)
-        if r["atomics"] and (fences or any(".acq_rel." in a or ".release." in a for a in r["atomics"])):
+        if r["atomics"] and (fences or any(".acq_rel." in a or ".release." in a or ".acquire." in a
+                                           for a in r["atomics"])):
             out["fenced atomics"].append(f"{where} [{cfg}]: {r['atomics']}, {fences} MEMBAR in SASS")
-        if "seed" in r["kernel"] or "attn" in r["kernel"] or "dropout" in r["kernel"]:
-            if "seed" not in r["do_not_specialize"]:
-                out["seed specialised"].append(f"{where}: `seed` is specialised (recompiles when seed % 16 == 0)")
-    # one line per launch is enough for per-launch checks
+        if r["meta"].get("kind") == "assign":
+            spec = r["specialised"].get("stride_ck")
+            if spec is None or ["tt.divisibility", 16] not in spec:
+                out["unaligned centroids"].append(f"{where} [{cfg}]: centroid row stride not divisible by 16")
+        estimate = _estimate(r)
+        if estimate is not None and estimate < r["shared"]:
+            out["shared memory estimate"].append(f"{where} [{cfg}]: estimate {estimate} B < compiled {r['shared']} B")
+    # a launch whose every config fails to fit or compile has nothing left for the autotuner
+    by_launch = {}
+    for r in rows:
+        if r["config"] is not None:
+            by_launch.setdefault((r["arch"], r["case"]), []).append(r)
+    for (arch, case), rs in by_launch.items():
+        if not any("error" not in r and r["shared"] <= r["max_shared"] for r in rs):
+            out["no config left"].append(f"sm_{arch} {case}: all {len(rs)} configs exceed shared memory or fail")
+    out["no config left"] += _static_configs_left(sorted({r["arch"] for r in rows}))
+    # dropout's instruction cost: the same forward config with and without dropout
+    plain = {(r["arch"], r["meta"].get("dtype"), r["meta"].get("head_dim"), _cfg(r["config"])): r for r in rows
+             if r["meta"].get("kind") == "fwd" and not r["meta"].get("dropout") and "sass_instructions" in r}
+    for r in rows:
+        if r["meta"].get("kind") == "fwd" and r["meta"].get("dropout") and "sass_instructions" in r:
+            base = plain.get((r["arch"], r["meta"]["dtype"], r["meta"]["head_dim"], _cfg(r["config"])))
+            if base and r["sass_instructions"] > MAX_DROPOUT_INSTRUCTION_RATIO * base["sass_instructions"]:
+                out["dropout cost"].append(
+                    f"sm_{r['arch']} {r['case']} [{_cfg(r['config'])}]: {r['sass_instructions']} SASS instructions, "
+                    f"{r['sass_instructions'] / base['sass_instructions']:.2f}x the {base['sass_instructions']} "
+                    "without dropout")
     for name in ("too many configs", "seed specialised"):
         out[name] = sorted(set(out[name]))
     return {k: v for k, v in out.items() if v}
+
+
+def _estimate(row):
+    """The kernel module's own shared-memory estimate for a compiled row, or None where it has none."""
+    meta, cfg = row["meta"], row["config"]
+    if meta.get("module") == "attention":
+        import kernels.attention as attn
+        if not hasattr(attn, "shared_memory_estimate"):
+            return None
+        elt = DTYPES[meta["dtype"]].itemsize
+        return attn.shared_memory_estimate(meta["kind"], (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
+                                                          cfg["num_stages"]), elt, meta["head_dim"], meta["dropout"],
+                                           row["arch"])
+    if meta.get("module") == "kmeans" and meta.get("kind") == "assign":
+        import kernels.kmeans as km
+        if not hasattr(km, "shared_memory_estimate"):
+            return None
+        return km.shared_memory_estimate((cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]),
+                                         meta["variant"], meta["D"], row["arch"])
+    return None
+
+
+def _static_configs_left(archs):
+    """Every input the kernels accept, on every target: the configs the modules would offer the autotuner."""
+    import kernels.attention as attn
+    import kernels.kmeans as km
+    lines = []
+    for arch in archs:
+        if hasattr(attn, "kernel_configs"):
+            _plan_for([attn], arch)
+            for dname, dtype in DTYPES.items():
+                for D in attn.SUPPORTED_HEAD_DIMS:
+                    for dropout in (False, True):
+                        for kind in attn.KINDS:
+                            if not attn.kernel_configs(kind, torch.device("cuda"), dtype, D, dropout):
+                                lines.append(f"sm_{arch} attention {kind} {dname} d{D}"
+                                             + (" dropout" if dropout else "") + ": no config fits")
+        if hasattr(km, "kernel_configs"):
+            _plan_for([km], arch)
+            for variant in ("fp32", "tf32", "bf16", "fp16"):
+                for D in (13, 39, 60, 128, 129, 768, 1024):
+                    if not km.kernel_configs(torch.device("cuda"), variant, D):
+                        lines.append(f"sm_{arch} kmeans assign {variant} D{D}: no config fits")
+    return lines
 
 
 def main(argv=None):
@@ -360,6 +459,7 @@ def main(argv=None):
     ap.add_argument("--full", action="store_true", help="every dtype, head dim and k-means variant (slow)")
     ap.add_argument("--workers", type=int, default=1, help="compile processes")
     ap.add_argument("--json", help="write one JSON line per compiled config here")
+    ap.add_argument("--failures-json", help="write {check: [failures]} here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     t = time.time()
@@ -371,15 +471,18 @@ def main(argv=None):
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     failed = failures(rows)
+    if args.failures_json:
+        with open(args.failures_json, "w") as f:
+            json.dump(failed, f, indent=1)
     compiled = sum(1 for r in rows if r["config"] is not None)
-    print(f"{compiled} configs of {len({(r['arch'], r['case']) for r in rows})} launches compiled for "
+    print(f"{compiled} configs of {len({(r['arch'], r['case']) for r in rows})} launches for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} in {time.time() - t:.0f} s")
     for name, lines in failed.items():
-        print(f"FAILED {name}: {len(lines)}")
+        print(f"FAILED {name} ({CHECKS[name]}): {len(lines)}")
         for line in lines:
             print(f"  {line}")
     if not failed:
-        print("all checks passed")
+        print("all checks passed: " + "; ".join(CHECKS))
     return 1 if failed else 0
 
 
