@@ -20,6 +20,7 @@ import contextlib
 import os
 import sys
 
+import numpy as np
 import torch
 
 try:  # Triton is optional: without it the torch paths below still work.
@@ -60,17 +61,28 @@ CPU_DISTANCE_BLOCK = 1 << 19
 
 def assign_nearest_reference(x, centroids, chunk=None):
     """x: N x D, centroids: K x D -> (labels int64 N, squared distance float32 N), in chunks of points."""
+    on_cpu = x.device.type == "cpu"
     if chunk is None:
-        chunk = 16384 if x.is_cuda else max(256, CPU_DISTANCE_BLOCK // max(1, centroids.shape[0]))
+        chunk = max(256, CPU_DISTANCE_BLOCK // max(1, centroids.shape[0])) if on_cpu else 16384
     x = x.float()
     c = centroids.float()
     c_sq = (c * c).sum(1)
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dists = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    ct = c.t()
+    # one distance buffer for all blocks: a fresh 2 MB tensor per block is a fresh mmap, whose page faults cost as
+    # much as the addmm on CPU
+    buf = torch.empty(min(chunk, x.shape[0]), c.shape[0], dtype=torch.float32, device=x.device)
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
-        d = torch.addmm(c_sq[None, :], xs, c.t(), alpha=-2.0)  # ||c||^2 - 2 x.c
-        m, i = d.min(1)
+        d = torch.addmm(c_sq[None, :], xs, ct, alpha=-2.0, out=buf[:xs.shape[0]])  # ||c||^2 - 2 x.c
+        if on_cpu:
+            # numpy's argmin is vectorised (SIMD) where torch's min-with-index over rows is not: 8x faster on a
+            # 1024 x 500 block, which made it as costly as the addmm itself. Both take the lowest index on ties.
+            i = torch.from_numpy(np.argmin(d.numpy(), axis=1))
+            m = d.gather(1, i[:, None]).squeeze(1)
+        else:
+            m, i = d.min(1)
         labels[s:s + chunk] = i
         dists[s:s + chunk] = (m + (xs * xs).sum(1)).clamp_min_(0)
     return labels, dists
