@@ -157,9 +157,12 @@ def main():
             if name not in rows:
                 continue
             r, at = rows[name], ours[f"seconds_to_{name}_inertia"]
+            # the ratio within each round (the two runs minutes apart, not the whole benchmark), median over rounds
+            per_round = statistics.median(a / b for a, b in zip(r["all_seconds"], ours["all_seconds"]))
             print(f"{k:>5} {label:<28} {r['seconds']:9.1f} {r['inertia']:10.3f}  "
-                  f"{name}/ours time {r['seconds'] / ours['seconds']:.2f} (ours/{name} inertia "
-                  f"{ours['inertia'] / r['inertia']:.4f}); ours reached {name}'s inertia after "
+                  f"{name}/ours time {r['seconds'] / ours['seconds']:.2f} (median of per-round ratios "
+                  f"{per_round:.2f}; ours/{name} inertia {ours['inertia'] / r['inertia']:.4f}); ours reached "
+                  f"{name}'s inertia after "
                   + (f"{at:.1f} s: {name}/ours time at equal inertia {r['seconds'] / at:.1f}" if at else "never"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as fh:

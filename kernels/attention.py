@@ -23,6 +23,7 @@ TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter runs the 
 how the tests check it without a GPU).
 """
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -300,24 +301,26 @@ if HAS_TRITON:
 
 # Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M = query rows and BLOCK_N = key rows of
 # a tile, per kernel, input element size (2: fp16/bf16, 4: fp32 as 3xTF32) and head dim (<= 64, 128). Chosen from
-# kernels/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200), with and without dropout: none
-# asks for more shared memory than the GPU has or spills more than compile_check.MAX_SPILL_BYTES per thread, and
-# tests/test_kernels_compile.py recompiles them to hold them to that. Few per key: each is compiled and timed on
+# kernels/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200) with dropout (the variant with more
+# registers live): none asks for more shared memory than the GPU has or spills more than
+# compile_check.MAX_SPILL_BYTES per thread, and tests/test_kernels_compile.py recompiles them (`--full`: every dtype,
+# head dim, with and without dropout) to hold them to that. Larger tiles spill with dropout on sm_80: dK/dV at
+# (64, 64) 364-524 bytes per thread, fp32 at head dim 128 anything wider than 32 x 16. Few per key: each is compiled and timed on
 # the first step of every new shape. On other GPUs the candidates whose shared-memory estimate exceeds the device's
 # limit are dropped; with none left, `auto` uses torch (and says so once) and `triton` raises.
 CONFIGS = {
     ("fwd", 2, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("fwd", 2, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
-    ("fwd", 4, 64): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
-    ("fwd", 4, 128): [(64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    ("dkdv", 2, 64): [(32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
-    ("dkdv", 2, 128): [(32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)],
-    ("dkdv", 4, 64): [(32, 64, 4, 3), (32, 32, 4, 2), (16, 64, 4, 2)],
-    ("dkdv", 4, 128): [(32, 32, 4, 2), (16, 64, 4, 2)],
-    ("dq", 2, 64): [(128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
-    ("dq", 2, 128): [(64, 32, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)],
-    ("dq", 4, 64): [(64, 32, 4, 3), (32, 32, 4, 2), (64, 16, 4, 2)],
-    ("dq", 4, 128): [(32, 32, 4, 2), (64, 16, 4, 2)],
+    ("fwd", 4, 64): [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
+    ("fwd", 4, 128): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 2, 64): [(32, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 2)],
+    ("dkdv", 2, 128): [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", 4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 4, 128): [(32, 16, 8, 2), (16, 16, 4, 2)],
+    ("dq", 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
+    ("dq", 2, 128): [(128, 32, 8, 2), (64, 32, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 4, 64): [(64, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 4, 128): [(32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
 }
 KINDS = ("fwd", "dkdv", "dq")
 
@@ -330,7 +333,11 @@ def gpu_limits(device):
     """(compute capability major * 10 + minor, max dynamic shared memory per block) of a CUDA device."""
     if GPU_TARGET is not None:
         return GPU_TARGET
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index):  # asked on every call in `auto`: once per device is enough
     major, minor = torch.cuda.get_device_capability(index)
     props = triton.runtime.driver.active.utils.get_device_properties(index)
     return major * 10 + minor, props["max_shared_mem"]
@@ -350,7 +357,8 @@ def shared_memory_estimate(kind, config, elt, head_dim, dropout, arch):
         tiles = buffers * 2 * bn * head_dim * elt + 2 * bm * head_dim * elt
     if elt == 4:
         tiles *= 2  # 3xTF32 stages both halves of split operands
-    return tiles + (bm * bn * 4 if dropout else 0)
+    # + the dropout mask's layout conversion, and 10% + 4 KB for conversion scratch the tiles above do not count
+    return int(1.1 * (tiles + (bm * bn * 4 if dropout else 0))) + 4096
 
 
 _SAID = set()
@@ -358,7 +366,7 @@ _SAID = set()
 
 def kernel_configs(kind, device, dtype, head_dim, dropout):
     """The candidates of CONFIGS that fit this device for these inputs (empty if none does)."""
-    elt = torch.empty((), dtype=dtype).element_size()
+    elt = dtype.itemsize
     arch, max_shared = gpu_limits(device)
     return [c for c in CONFIGS[(kind, elt, 64 if head_dim <= 64 else 128)]
             if shared_memory_estimate(kind, c, elt, head_dim, dropout, arch) <= max_shared]

@@ -343,11 +343,12 @@ CHECKS = {
     "seed specialised": "the dropout seed is specialised on, so 1 step in 16 recompiles",
     "shared memory estimate": "a kernel module's static shared-memory estimate is below the compiler's figure",
     "unaligned centroids": "k-means centroid rows are not 16-element aligned",
-    "dropout cost": "the forward with dropout compiles to over 1.6x the instructions of the forward without",
+    "dropout cost": "the forward with dropout compiles to over 2.2x the SASS instructions of the forward without",
 }
-# Dropout costs one 10-round Philox per 8 scores: measured ~1.1-1.4x the instructions of the forward without it
-# (it was 1.9-3.2x with one Philox per score). 1.6x leaves room for compiler changes, not for a regression.
-MAX_DROPOUT_INSTRUCTION_RATIO = 1.6
+# Dropout costs one 10-round Philox call per 8 scores: the bf16 head-dim-64 forward compiles to 1.7-2.1x the SASS
+# instructions of the forward without dropout on sm_80/sm_90 (it was 2.8-4.0x with one call per score, of which it
+# used a quarter). 2.2x leaves room for compiler changes, not for a return to one call per score.
+MAX_DROPOUT_INSTRUCTION_RATIO = 2.2
 
 
 def failures(rows):
@@ -373,10 +374,14 @@ def failures(rows):
         if (r["spill_stores"] or 0) > MAX_SPILL_BYTES:
             out["spills"].append(f"{where} [{cfg}]: {r['spill_stores']} B/thread spill stores, "
                                  f"{r['registers']} registers")
+        # acq_rel atomics compile to a MEMBAR (+ L1 invalidate) per atomic; relaxed ones to plain RED. A few MEMBARs
+        # elsewhere (sm_90's async-proxy fences around wgmma) are not the atomics' doing.
         fences = r["sass_ops"].get("MEMBAR", 0)
-        if r["atomics"] and (fences or any(".acq_rel." in a or ".release." in a or ".acquire." in a
-                                           for a in r["atomics"])):
-            out["fenced atomics"].append(f"{where} [{cfg}]: {r['atomics']}, {fences} MEMBAR in SASS")
+        n_atomic = sum(r["sass_ops"].get(op, 0) for op in ("ATOMG", "ATOM", "RED", "REDG"))
+        if r["atomics"] and (fences >= n_atomic or any(".acq_rel." in a or ".release." in a or ".acquire." in a
+                                                       for a in r["atomics"])):
+            out["fenced atomics"].append(f"{where} [{cfg}]: {r['atomics']}, {fences} MEMBAR for {n_atomic} atomics "
+                                         "in SASS")
         if r["meta"].get("kind") == "assign":
             spec = r["specialised"].get("stride_ck")
             if spec is None or ["tt.divisibility", 16] not in spec:

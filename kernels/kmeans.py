@@ -17,6 +17,7 @@ context manager `use_backend(...)`. "auto" = the kernels on CUDA tensors when Tr
 "triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported (that is how the tests run it).
 """
 import contextlib
+import functools
 import os
 import sys
 
@@ -197,12 +198,12 @@ CHUNK_D = 32  # chunk width for wider features: 64-wide chunks spill at these ti
 # shared memory: its tiles are the smallest. On other GPUs candidates over the shared-memory estimate are dropped;
 # with none left, `auto` uses torch and `triton` raises.
 CONFIGS = {
-    ("tf32x3", True): [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
-    ("tf32x3", False): [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
-    ("tf32", True): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
-    ("tf32", False): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
-    ("16bit", True): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    ("16bit", False): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("tf32x3", True): [(64, 32, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)],
+    ("tf32x3", False): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    ("tf32", True): [(128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
+    ("tf32", False): [(128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    ("16bit", True): [(128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
+    ("16bit", False): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)],
 }
 VARIANTS = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "16bit", "fp16": "16bit"}
 
@@ -215,7 +216,11 @@ def gpu_limits(device):
     """(compute capability major * 10 + minor, max dynamic shared memory per block) of a CUDA device."""
     if GPU_TARGET is not None:
         return GPU_TARGET
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index):  # asked on every call in `auto`: once per device is enough
     major, minor = torch.cuda.get_device_capability(index)
     props = triton.runtime.driver.active.utils.get_device_properties(index)
     return major * 10 + minor, props["max_shared_mem"]
