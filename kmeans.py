@@ -438,13 +438,18 @@ def kmeans_plus_plus(x, k, generator, trials=None):
     first = int(torch.randint(n, (1,), generator=generator, device=x.device))
     centers = [first]
     closest = assign_nearest(x, x[first:first + 1])[1]  # D^2: squared distance to the nearest chosen centre
+    # one trials x N buffer for every step, updated in place (fresh blocks per step cost 1.2-2x the time on CPU)
+    d = torch.empty(trials, n, dtype=x.dtype, device=x.device)
+    potential = torch.empty(trials, dtype=x.dtype, device=x.device)
     for _ in range(1, k):
         cand = torch.multinomial(closest if closest.sum() > 0 else torch.ones_like(closest), trials,
                                  replacement=True, generator=generator)
-        d = torch.addmm(x_sq[cand][:, None] + x_sq[None, :], x[cand], xt, alpha=-2.0).clamp_min_(0)
-        d = torch.minimum(d, closest[None, :], out=d)  # trials x N: the D^2 each candidate would leave
-        best = int(d.sum(1).argmin())
-        closest = d[best].clone()
+        torch.addmm(x_sq[None, :], x[cand], xt, alpha=-2.0, out=d)
+        d.add_(x_sq[cand][:, None]).clamp_min_(0)
+        torch.minimum(d, closest[None, :], out=d)  # trials x N: the D^2 each candidate would leave
+        torch.sum(d, 1, out=potential)
+        best = int(potential.argmin())
+        closest.copy_(d[best])
         centers.append(int(cand[best]))
     return x[centers].clone()
 
