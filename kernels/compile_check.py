@@ -10,7 +10,7 @@ stride divisibility, constants) and the configs its autotuner would try after pr
 is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`. From each compile:
 `metadata.shared` (the shared memory the launch will request), and from the `ptxas -v` log of the ptxas in Triton's
 wheel, registers per thread and spill bytes; from the SASS (cuobjdump, also in the wheel) the instruction count;
-from the PTX the atomics and memory fences. Results are cached per compile key (kernel source hash, specialisation,
+from the PTX the atomics' memory semantics and from the SASS the fences around them. Results are cached per compile key (kernel source hash, specialisation,
 options, target, Triton version) under $MUSICSSL_COMPILE_CACHE (default ~/.cache/musicssl/compile_check), so a
 re-run only compiles what changed.
 
@@ -37,11 +37,17 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("kernels.compile_check compiles real kernels: run it with TRITON_INTERPRET unset or 0")
 
 import triton  # noqa: E402
-from triton import knobs  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+try:  # compiler internals (Triton 3.4+): how a launch is specialised and compiled
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+except ImportError as e:
+    print(f"kernels.compile_check needs Triton >= 3.4's compiler internals, this is Triton {triton.__version__}: {e}",
+          file=sys.stderr)
+    sys.exit(3)
 
 # Named targets: compute capability -> (GPU, max dynamic shared memory per block in bytes, opt-in;
 # CUDA C Programming Guide, "Technical Specifications per Compute Capability": 163 KB on 8.0, 227 KB on 9.0).
@@ -286,17 +292,23 @@ def compile_one(launch, meta, warps, stages, arch):
                      sass_instructions=instructions, sass_ops=ops)
     facts["compile_s"] = round(time.time() - t, 2)
     facts["specialised"] = {launch.fn.arg_names[i[0]]: v for i, v in attrs.items()}
-    os.makedirs(cache_dir(), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(facts, f)
-    os.replace(path + ".tmp", path)
+    if "error" not in facts:  # an error may be the machine's (a killed ptxas): compile again next time
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(facts, f)
+        os.replace(tmp, path)
     return facts
+
+
+_LAUNCHES = {}
 
 
 def _compile_job(job):
     launch_index, arch, full, meta, warps, stages = job
-    launch = all_launches(arch, full)[launch_index]
-    return compile_one(launch, meta, warps, stages, arch)
+    if (arch, full) not in _LAUNCHES:  # once per worker process
+        _LAUNCHES[(arch, full)] = all_launches(arch, full)
+    return compile_one(_LAUNCHES[(arch, full)][launch_index], meta, warps, stages, arch)
 
 
 def run(archs, full=False, workers=1, on_row=None):

@@ -35,6 +35,8 @@ def compile_results(tmp_path_factory):
            "--failures-json", str(out / "failures.json"), "--workers", str(min(2, os.cpu_count() or 1))]
     result = subprocess.run(cmd + (["--full"] if FULL else []), cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=3600)
+    if result.returncode == 3:  # a Triton without the compiler internals the check drives
+        pytest.skip(result.stderr.strip())
     if not os.path.exists(out / "failures.json"):
         pytest.fail(f"kernels.compile_check did not finish:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(out / "rows.jsonl")]
