@@ -32,8 +32,9 @@ from model import Encoder, EncoderConfig, span_mask
 # -----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: the HuBERT base recipe (95M encoder, mask 0.8 / span 10, 256-d cosine logits at temperature 0.1,
 # loss on masked frames + 10 x feature penalty, Adam(W) 5e-4, 32k warm-up then linear decay, clip 10, 400k updates)
-# as in MusicHuBERT. The label set (K=2000 clusters of 39-d MFCC at 100 Hz for iteration 1) is made by kmeans.py;
-# K is read from dict.km.txt.
+# as in MusicHuBERT. The label set is made by kmeans.py and K is read from dict.km.txt. MusicHuBERT's text uses K=500
+# clusters of 39-d MFCC at 100 Hz for iteration 1 and K=2000 for iteration 2 (iteration2_clusters); its Table 2 also
+# labels a row "k=2000 MFCC dim=39", so the README's commands follow the text (K=500 for MFCC).
 # data
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
 label_dir = ""  # holds {split}.km (one line per manifest line) and dict.km.txt; "" = the manifest's folder
