@@ -503,3 +503,27 @@ def test_collapse_stops_the_run_with_a_message(corpus, tmp_path):
     assert re.search(r"error: step 2: representation collapse: target std [0-9.]+ \(min 10.0\)", done.stderr), \
         done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_recipe_options_run_and_do_what_they_say(corpus, tmp_path):
+    """The recipe-search options end to end: feature_grad_mult=0 leaves the conv front end at its init while the
+    transformer trains; a teacher that is an EMA of the whole encoder carries the conv front end; the others run
+    (layer-norm targets, centred targets, averaged positional convs, random crop lengths) with finite losses."""
+    base = TINY + [f"--train_tsv={corpus}", "--max_pos_share=1.0", "--feature_grad_mult=0.0"]
+    frozen, init = str(tmp_path / "frozen"), str(tmp_path / "init")
+    out = run_script(base + [f"--out_dir={frozen}", "--max_steps=3", "--ckpt_interval=3"])
+    assert all(math.isfinite(v) for v in logged(out, "loss"))
+    run_script(base + [f"--out_dir={init}", "--max_steps=1", "--ckpt_interval=1", "--learning_rate=0.0"])
+    trained, at_init = final_state(frozen)["encoder"], final_state(init)["encoder"]  # same seed: same init
+    conv = [k for k in trained if k.startswith("feature_extractor.")]
+    assert conv
+    for k in conv:
+        assert torch.equal(trained[k], at_init[k]), f"{k} moved with feature_grad_mult=0"
+    assert any(not torch.equal(trained[k], at_init[k]) for k in trained if k.startswith("transformer."))
+
+    whole = str(tmp_path / "whole")
+    out = run_script(TINY + [f"--train_tsv={corpus}", f"--out_dir={whole}", "--max_steps=3", "--ckpt_interval=3",
+                             "--max_pos_share=1.0", "--ema_transformer_only=False", "--layer_norm_target_layer=True",
+                             "--center_targets=True", "--ema_pos_conv=True", "--crop_seconds_min=0.5"])
+    assert all(math.isfinite(v) for v in logged(out, "loss"))
+    assert any(k.startswith("feature_extractor.") for k in final_state(whole)["teacher"])
