@@ -6,7 +6,9 @@ positional embedding and a transformer. `EncoderConfig` covers the three base re
   - data2vec 1.0 / Music2Vec: LayerNorm in every conv, five k=19 positional convs with parameter-free LayerNorm,
     per-clip waveform normalisation.
 It loads and writes Hugging Face model folders (`load_pretrained`, `save_hf`) and gives the same hidden states as
-`transformers` (tests/test_model.py). Objectives (heads, losses, EMA teachers) live in the pretrain scripts.
+`transformers` (tests/test_model.py). Objectives (heads, losses, EMA teachers) live in the pretrain scripts; the one
+exception is wav2vec 2.0's quantiser (`GumbelQuantizer`, `load_quantizer`, `codeword_indices`), whose codes are read
+by analysis code without the training script.
 """
 import dataclasses
 import json
@@ -46,7 +48,7 @@ class EncoderConfig:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
     dropout_input: float = 0.1  # on the projected features, before masking
-    dropout_features: float = 0.1  # on the conv features used as wav2vec 2.0 quantizer input (not used here)
+    dropout_features: float = 0.1  # on the wav2vec 2.0 quantizer's input (pretrain_wav2vec2.py; not in Encoder)
     layerdrop: float = 0.05
     layer_norm_eps: float = 1e-5
     # True: padded batches give exactly the hidden states of each clip alone (GroupNorm statistics over valid frames,
@@ -356,6 +358,89 @@ class Encoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# wav2vec 2.0's product quantiser: trained by pretrain_wav2vec2.py, its codes read by analysis code.
+
+class GumbelQuantizer(nn.Module):
+    """wav2vec 2.0's Gumbel-softmax product quantiser (fairseq GumbelVectorQuantizer with combine_groups=False and a
+    one-layer weight_proj; spec pretrain.md §6). `groups` codebooks of `codewords` entries, each dim/groups wide: a
+    frame picks one entry per group and their concatenation is its quantised vector (base: 2 x 320 entries of 128
+    dims, 102,400 possible codes). The input is the encoder's LayerNorm'ed conv features, i.e.
+    `encoder.feature_norm(out.conv_features)` (fairseq `unmasked_features`).
+
+    forward(x) in training mode: hard Gumbel-softmax at `temperature` with the straight-through gradient (the
+    forward value is the chosen codewords, up to float rounding; the gradient is that of the soft sample). In eval
+    mode: the argmax codeword per group. Returns (quantized ... x dim, codes ... x groups (long), logits ... x
+    groups x codewords (fp32)). `codevectors` is groups x codewords x dim/groups (fairseq `vars` and HF
+    `quantizer.codevectors` hold the same numbers as 1 x groups*codewords x dim/groups)."""
+
+    def __init__(self, in_dim=512, groups=2, codewords=320, dim=256):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"quantizer dim {dim} is not divisible by groups {groups}")
+        self.in_dim, self.groups, self.codewords, self.dim = in_dim, groups, codewords, dim
+        self.weight_proj = nn.Linear(in_dim, groups * codewords)
+        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)  # fairseq: N(0, 1), bias 0
+        nn.init.zeros_(self.weight_proj.bias)
+        self.codevectors = nn.Parameter(torch.rand(groups, codewords, dim // groups))  # fairseq `vars`: uniform_
+
+    def config(self):
+        return {"in_dim": self.in_dim, "groups": self.groups, "codewords": self.codewords, "dim": self.dim}
+
+    def logits(self, x):
+        """... x in_dim -> ... x groups x codewords, in fp32 even under autocast (bf16 logits of std ~20 would
+        flip codes)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.weight_proj(x.float()).unflatten(-1, (self.groups, self.codewords))
+
+    @torch.no_grad()
+    def codes(self, x):
+        """The argmax codeword of every group: ... x in_dim -> ... x groups (long)."""
+        return self.logits(x).argmax(-1)
+
+    def lookup(self, codes):
+        """Quantised vectors of given codes: ... x groups (long) -> ... x dim."""
+        return torch.stack([self.codevectors[g][codes[..., g]] for g in range(self.groups)], -2).flatten(-2)
+
+    def forward(self, x, temperature=2.0, generator=None):
+        logits = self.logits(x)
+        if self.training:
+            # F.gumbel_softmax(hard=True), with the noise drawn from `generator`
+            gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
+            soft = ((logits + gumbel) / temperature).softmax(-1)
+            codes = soft.argmax(-1)
+            onehot = F.one_hot(codes, self.codewords).to(soft.dtype) - soft.detach() + soft  # straight-through
+        else:
+            codes = logits.argmax(-1)
+            onehot = F.one_hot(codes, self.codewords).to(logits.dtype)
+        # one matmul per group instead of fairseq's (frames x 640 x 128) broadcast product: same value and gradient
+        quantized = torch.einsum("...gv,gvd->...gd", onehot, self.codevectors.to(onehot.dtype)).flatten(-2)
+        return quantized, codes, logits
+
+    @staticmethod
+    def perplexities(logits):
+        """(code perplexity, prob perplexity) of a batch of frames (logits: ... x groups x codewords), summed over
+        groups as fairseq: exp(entropy) of the batch's argmax-code histogram, and of its averaged softmax (the
+        differentiable one, in the diversity loss). Both lie in [groups, groups x codewords]. fairseq's
+        log(p + 1e-7) keeps the gradient finite where an average probability underflows to 0."""
+        logits = logits.reshape(-1, *logits.shape[-2:]).float()
+        with torch.no_grad():
+            hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).float().mean(0)
+            code_ppl = torch.exp(-(hard * torch.log(hard + 1e-7)).sum(-1)).sum()
+        avg = logits.softmax(-1).mean(0)
+        prob_ppl = torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
+        return code_ppl, prob_ppl
+
+
+def codeword_indices(encoder, quantizer, wav, lengths=None):
+    """The quantiser's codes of every frame of a batch: B x T x groups (long) and the padding mask (None without
+    lengths). Runs only the conv front end (the quantiser's input does not depend on the transformer)."""
+    with torch.no_grad():
+        _, padding_mask, conv = encoder.embed(wav, lengths)
+        features = encoder.feature_norm(conv) if encoder.feature_norm is not None else conv
+        return quantizer.codes(features), padding_mask
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Span masking (fairseq data_utils.compute_mask_indices, mask_type static, no_overlap False), vectorised in torch.
 
 def _distinct_uniform(n, k, rand, scratch, allowed=None, allowed_count=None):
@@ -588,14 +673,89 @@ def config_to_hf(cfg):
     return hf
 
 
-def save_hf(encoder, folder):
+def load_wav2vec2_heads(path, map_location="cpu"):
+    """wav2vec 2.0's pre-training heads from one of our pretrain_wav2vec2.py checkpoints or a Hugging Face
+    Wav2Vec2ForPreTraining folder: {"quantizer": GumbelQuantizer, "project_q": Linear(dim -> final_dim),
+    "project_hid": Linear(encoder dim -> final_dim)} (project_hid is fairseq's and our script's `final_proj`),
+    fp32, eval mode. Pass them to save_hf(encoder, folder, **heads) to publish a checkpoint with its heads."""
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        weights = {k[len("wav2vec2."):] if k.startswith("wav2vec2.") else k: v
+                   for k, v in _read_hf_weights(path).items()}
+        if "quantizer.codevectors" not in weights:
+            raise ValueError(f"{path}: no quantizer weights (quantizer.codevectors): not a Wav2Vec2ForPreTraining "
+                             f"folder")
+        groups, codewords = hf.get("num_codevector_groups", 2), hf.get("num_codevectors_per_group", 320)
+        book = weights["quantizer.codevectors"]
+        quantizer = GumbelQuantizer(hf["conv_dim"][-1], groups, codewords, book.shape[-1] * groups)
+        quantizer.load_state_dict({"codevectors": book.reshape(groups, codewords, -1),
+                                   "weight_proj.weight": weights["quantizer.weight_proj.weight"],
+                                   "weight_proj.bias": weights["quantizer.weight_proj.bias"]})
+        heads = {"quantizer": quantizer}
+        for name in ("project_q", "project_hid"):
+            w = weights[f"{name}.weight"]
+            heads[name] = nn.Linear(w.shape[1], w.shape[0])
+            heads[name].load_state_dict({"weight": w, "bias": weights[f"{name}.bias"]})
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "quantizer" not in ckpt or "quantizer_config" not in ckpt:
+            raise ValueError(f"{path}: no wav2vec 2.0 quantizer in this checkpoint (needs 'quantizer' and "
+                             f"'quantizer_config' keys, as pretrain_wav2vec2.py writes)")
+        quantizer = GumbelQuantizer(**ckpt["quantizer_config"])
+        quantizer.load_state_dict(ckpt["quantizer"])
+        heads = {"quantizer": quantizer}
+        for name, key in (("project_q", "project_q"), ("project_hid", "final_proj")):
+            w = ckpt[key]["weight"]
+            heads[name] = nn.Linear(w.shape[1], w.shape[0])
+            heads[name].load_state_dict(ckpt[key])
+    return {k: m.float().to(map_location).eval() for k, m in heads.items()}
+
+
+def load_quantizer(path, map_location="cpu"):
+    """The GumbelQuantizer (eval mode, fp32) of one of our pretrain_wav2vec2.py checkpoints or of a Hugging Face
+    Wav2Vec2ForPreTraining folder. Codes of a clip: `codeword_indices(load_pretrained(path), load_quantizer(path),
+    wav)`."""
+    return load_wav2vec2_heads(path, map_location)["quantizer"]
+
+
+def save_hf(encoder, folder, quantizer=None, project_q=None, project_hid=None, extra_config=None):
     """Write a Hugging Face model folder (config.json, model.safetensors, preprocessor_config.json) that
-    transformers.AutoModel loads, so trained encoders can be published."""
+    transformers.AutoModel loads, so trained encoders can be published.
+
+    With a wav2vec 2.0 `quantizer`, `project_q` and `project_hid` (see load_wav2vec2_heads) the folder is a
+    Wav2Vec2ForPreTraining: backbone weights under `wav2vec2.`, the heads under their HF names (spec §7.3), the
+    codebook as (1, groups x codewords, dim / groups). `extra_config` adds config.json fields (e.g. num_negatives,
+    contrastive_logits_temperature, diversity_loss_weight: the objective's settings, which HF uses for its loss)."""
     from safetensors.torch import save_file
     cfg = encoder.cfg
     hf = config_to_hf(cfg)
+    heads = (quantizer, project_q, project_hid)
+    if any(h is not None for h in heads) and any(h is None for h in heads):
+        raise ValueError("save_hf: give all of quantizer, project_q and project_hid, or none")
     os.makedirs(folder, exist_ok=True)
     state = {_hf_name(n, cfg): t.detach().float().cpu().contiguous() for n, t in encoder.state_dict().items()}
+    if quantizer is not None:
+        if cfg.family != "wav2vec2":
+            raise ValueError(f"save_hf: pre-training heads need family 'wav2vec2' (Wav2Vec2ForPreTraining), "
+                             f"the encoder is {cfg.family!r}")
+        if quantizer.in_dim != cfg.conv_layers[-1][0] or project_q.in_features != quantizer.dim \
+                or project_hid.in_features != cfg.dim or project_q.out_features != project_hid.out_features:
+            raise ValueError(f"save_hf: head sizes do not fit: quantizer {quantizer.config()}, project_q "
+                             f"{project_q.in_features}->{project_q.out_features}, project_hid "
+                             f"{project_hid.in_features}->{project_hid.out_features}, encoder conv "
+                             f"{cfg.conv_layers[-1][0]} / dim {cfg.dim}")
+        state = {"wav2vec2." + k: v for k, v in state.items()}
+        book = quantizer.codevectors.detach().float().cpu()
+        state["quantizer.codevectors"] = book.reshape(1, -1, book.shape[-1]).contiguous()
+        for prefix, module in (("quantizer.weight_proj", quantizer.weight_proj), ("project_q", project_q),
+                               ("project_hid", project_hid)):
+            for name, t in module.state_dict().items():
+                state[f"{prefix}.{name}"] = t.detach().float().cpu().contiguous()
+        hf.update(architectures=["Wav2Vec2ForPreTraining"], num_codevector_groups=quantizer.groups,
+                  num_codevectors_per_group=quantizer.codewords, codevector_dim=quantizer.dim,
+                  proj_codevector_dim=project_q.out_features, feat_quantizer_dropout=cfg.dropout_features)
+    hf.update(extra_config or {})
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)

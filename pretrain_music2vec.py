@@ -18,7 +18,6 @@ import math
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -235,8 +234,7 @@ def mask_for(batch_shape, frame_lengths, step, global_micro):
     same on any number of ranks and after a resume (rank r's m-th micro-batch of an update has global index
     m * world_size + r, which is the batch ClipBatchSampler gives it). Padded batches mask each row on its own
     (same_count=False), otherwise the shortest clip would set the masked count of every row (spec §2)."""
-    key = np.random.SeedSequence([seed, step, global_micro]).generate_state(2)
-    g = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+    g = training.step_generator(seed, step, global_micro)
     return span_mask(batch_shape, mask_prob, mask_length, min_masks=min_masks, lengths=frame_lengths,
                      same_count=frame_lengths is None, generator=g)
 
@@ -253,19 +251,13 @@ def main():
     training.configure(globals())
     info = training.setup_distributed(device)
     master = info.is_master
-    if dtype not in ("bfloat16", "float32"):
-        raise SystemExit(f"error: dtype={dtype!r}: use bfloat16 or float32 (float16 would need loss scaling)")
     if grad_accum % info.world_size:
         raise SystemExit(f"error: grad_accum={grad_accum} must be a multiple of the world size {info.world_size}")
     if not 1 <= top_k_layers <= layers:
         raise SystemExit(f"error: top_k_layers={top_k_layers} must be between 1 and layers={layers}")
     accum = grad_accum // info.world_size
     use_cuda = info.device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if use_cuda and dtype != "float32" \
-        else nullcontext()
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    autocast = training.autocast_context(info.device, dtype)
 
     # --- data: everything that can be wrong with it fails here, before the first update ---
     from data.audio import AudioError
@@ -433,16 +425,13 @@ def main():
             if step % ckpt_interval == 0 or step == max_steps:
                 save()
     except AudioError as e:
-        # raised in a loader worker: DataLoader re-raises it with the worker's traceback; keep the useful line
-        line = str(e).strip().splitlines()[-1]
-        line = line.split("AudioError: ", 1)[-1]
-        raise SystemExit(f"error: {line}\nset skip_bad_audio=True to log and skip unreadable clips, or fix the "
-                         f"manifest; the run resumes from the last checkpoint in {out_dir}") from None
+        raise training.audio_error_exit(e, out_dir) from None
     except CollapseError as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         progress.close()
         logger.close()
+        stop.restore()
     training.cleanup_distributed(info)
 
 

@@ -20,7 +20,6 @@ import math
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,8 +145,7 @@ def mask_for(batch_shape, step, global_micro):
     """The span mask of one micro-batch, a pure function of (seed, update, global micro-batch index, shape):
     the same on any number of ranks, and identical after a resume. Rank r's m-th micro-batch of an update has
     global index m * world_size + r, which is the batch ClipBatchSampler gives it (batches[rank::world])."""
-    key = np.random.SeedSequence([seed, step, global_micro]).generate_state(2)
-    g = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+    g = training.step_generator(seed, step, global_micro)
     return span_mask(batch_shape, mask_prob, mask_length, min_masks=min_masks, same_count=True, generator=g)
 
 
@@ -205,17 +203,11 @@ def main():
     training.configure(globals())
     info = training.setup_distributed(device)
     master = info.is_master
-    if dtype not in ("bfloat16", "float32"):
-        raise SystemExit(f"error: dtype={dtype!r}: use bfloat16 or float32 (float16 would need loss scaling)")
     if grad_accum % info.world_size:
         raise SystemExit(f"error: grad_accum={grad_accum} must be a multiple of the world size {info.world_size}")
     accum = grad_accum // info.world_size
     use_cuda = info.device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if use_cuda and dtype != "float32" \
-        else nullcontext()
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    autocast = training.autocast_context(info.device, dtype)
     torch.manual_seed(seed + info.rank)  # dropout differs per rank; masks and crops do not depend on it
 
     # --- labels and data: everything that can be wrong with them fails here, before the first update ---
@@ -402,14 +394,11 @@ def main():
     except training.NonFiniteLossError as e:
         raise SystemExit(f"error: {e}; the last good checkpoint is in {out_dir}") from None
     except AudioError as e:
-        # raised in a loader worker: DataLoader re-raises it with the worker's traceback; keep the useful line
-        line = str(e).strip().splitlines()[-1]
-        line = line.split("AudioError: ", 1)[-1]
-        raise SystemExit(f"error: {line}\nset skip_bad_audio=True to log and skip unreadable clips, or fix the "
-                         f"manifest; the run resumes from the last checkpoint in {out_dir}") from None
+        raise training.audio_error_exit(e, out_dir) from None
     finally:
         progress.close()
         logger.close()
+        stop.restore()
     training.cleanup_distributed(info)
 
 

@@ -1,12 +1,16 @@
-"""Training machinery shared by the pre-training scripts (pretrain_musichubert.py, pretrain_music2vec.py).
+"""Training machinery shared by the pre-training scripts (pretrain_musichubert.py, pretrain_music2vec.py,
+pretrain_wav2vec2.py).
 
 Each function here is one thing a nanoGPT-style train script needs and would otherwise copy:
   configure(globals(), argv)        config/*.py files and --key=value overrides, validated (one-line errors)
   setup_distributed() / DistInfo    DDP from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (NCCL on CUDA, gloo on CPU)
   all_reduce_sum(t)                 sum over ranks (no-op in a single process)
+  autocast_context(device, dtype)   bf16 autocast on CUDA (and TF32 matmuls), nothing on CPU
+  step_generator(seed, step, micro) a torch.Generator for one micro-batch's masks/noise: same on any world size
   polynomial_decay_lr, tri_stage_lr learning rate as an explicit function of the step (fairseq's two schedules)
   save_checkpoint / latest_checkpoint / load_checkpoint   atomic write, keep-last-N, resume
   rng_state / set_rng_state         python, numpy, torch, cuda RNG capture for exact resume
+  audio_error_exit(e, out_dir)      an unreadable clip raised in a loader worker -> a one-line SystemExit
   StopSignal                        SIGTERM (cluster preemption) -> a flag the loop checks, agreed across ranks
   NonFiniteGuard                    skip updates with a non-finite loss/grad, stop after N in a row
   TrainLogger                       the log line (+ optional TensorBoard)
@@ -15,6 +19,7 @@ Each function here is one thing a nanoGPT-style train script needs and would oth
 Nothing here knows about a particular objective; heads and losses live in the pretrain scripts.
 """
 import ast
+import contextlib
 import dataclasses
 import glob
 import json
@@ -182,6 +187,28 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def autocast_context(device, dtype):
+    """The forward's autocast: `dtype` (bfloat16 | float32) on CUDA, with TF32 matmuls; CPU runs in float32.
+    float16 is refused: it would need loss scaling."""
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"error: dtype={dtype!r}: use bfloat16 or float32 (float16 would need loss scaling)")
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def step_generator(seed, step, global_micro, *stream, device="cpu"):
+    """A torch.Generator for the random draws of one micro-batch (span masks, wav2vec 2.0's negatives and Gumbel
+    noise), seeded from (seed, update, global micro-batch index, *stream): the same draws on any number of ranks
+    and after a resume. Rank r's m-th micro-batch of an update has global index m * world_size + r, which is the
+    batch ClipBatchSampler gives it (batches[rank::world]). `stream` separates independent draws of one
+    micro-batch; `device` puts the generator where the draws are made."""
+    key = np.random.SeedSequence([seed, step, global_micro, *stream]).generate_state(2)
+    return torch.Generator(device).manual_seed(int(key[0]) << 32 | int(key[1]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # learning-rate schedules: the lr for update `step` (0-based), as plain functions a test can tabulate
 
@@ -337,18 +364,39 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------------------------------------------
 # stopping: preemption and non-finite losses
 
+def audio_error_exit(error, out_dir):
+    """The SystemExit for an AudioError raised while training. In a loader worker, DataLoader re-raises it with the
+    worker's traceback in the message; keep the line that names the file."""
+    line = str(error).strip().splitlines()[-1].split("AudioError: ", 1)[-1]
+    return SystemExit(f"error: {line}\nset skip_bad_audio=True to log and skip unreadable clips, or fix the "
+                      f"manifest; the run resumes from the last checkpoint in {out_dir}")
+
+
 class StopSignal:
     """Sets `.requested` on SIGTERM (what Slurm & co send before preemption) so the loop can save and exit cleanly
     at the next step boundary instead of dying mid-write. `should_stop(info)` agrees across ranks: a signal on any
-    rank stops all of them at the same step (otherwise the others would hang in the next all-reduce)."""
+    rank stops all of them at the same step (otherwise the others would hang in the next all-reduce).
+
+    `restore()` (called in the scripts' `finally`) puts the previous handlers back. A process forked while the
+    handler is installed (a DataLoader or multiprocessing.Pool worker) inherits it; there it acts as the default
+    action, so `Pool.terminate()` and the launcher can still stop workers (catching it there hung a Pool forever)."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.requested = False
-        for s in signals:
-            signal.signal(s, self._handler)
+        self._pid = os.getpid()
+        self._previous = {s: signal.signal(s, self._handler) for s in signals}
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked worker: behave as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def should_stop(self, info=None):
         if info is None or not info.ddp:

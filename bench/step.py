@@ -1,12 +1,14 @@
-"""Training-step time of Music2Vec (data2vec 1.0) against MusicHuBERT at the same encoder size and batch.
+"""Training-step time of Music2Vec (data2vec 1.0) and wav2vec 2.0 against MusicHuBERT at the same encoder size and
+batch.
 
     python bench/step.py [--clips 2 --seconds 5 --steps 3 --threads 2 --layers 12 --dim 768 --heads 12 --ffn 3072
                           --conv_channels 512]
 
 One step = what each pre-training script does per update with one micro-batch: masks, forward, loss, backward,
-AdamW step, and for Music2Vec the EMA teacher's forward on the unmasked features and the teacher update. Each
-objective uses its own base encoder (HuBERT: GroupNorm convs, one k=128 positional conv; data2vec: LayerNorm convs,
-five k=19 positional convs) at the same size. LayerDrop is off (it makes step times random); dropout stays on.
+AdamW step, for Music2Vec the EMA teacher's forward on the unmasked features and the teacher update, for wav2vec 2.0
+the Gumbel quantiser, 100 negatives per masked frame and the diversity loss. Each objective uses its own base encoder
+(HuBERT and wav2vec 2.0: GroupNorm convs, one k=128 positional conv; data2vec: LayerNorm convs, five k=19 positional
+convs) at the same size. LayerDrop is off (it makes step times random); dropout stays on.
 The objectives alternate step by step so that a busy machine slows both alike; wall and CPU seconds are reported.
 Also printed: the forward cost alone (student, and student + teacher), the data2vec paper's "about 2x" claim.
 """
@@ -22,6 +24,8 @@ import torch  # noqa: E402
 
 import pretrain_music2vec as m2v  # noqa: E402
 import pretrain_musichubert as hub  # noqa: E402
+import pretrain_wav2vec2 as w2v  # noqa: E402
+import training  # noqa: E402
 from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, span_mask  # noqa: E402
 
 
@@ -73,6 +77,25 @@ def make_musichubert(size, device, num_classes=500):
     return model, step, forward_only
 
 
+def make_wav2vec2(size, device):
+    model = w2v.Wav2Vec2Pretraining(EncoderConfig.wav2vec2_base(layerdrop=0.0, **size)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+    def step(wav, mask):
+        noise = training.step_generator(0, 0, 0, 1, device=device)
+        ce_sum, _, _, prob_ppl, pen = model(wav, mask, 2.0, noise)
+        n = mask.sum().clamp_min(1)
+        (ce_sum / n + w2v.diversity_weight * w2v.diversity_loss(prob_ppl) + w2v.feature_pen_weight * pen).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def forward_only(wav, mask):
+        with torch.no_grad():
+            model(wav, mask, 2.0, training.step_generator(0, 0, 0, 1, device=device))
+
+    return model, step, forward_only
+
+
 def timed(fn, sync):
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -104,18 +127,22 @@ def main():
     wav = torch.randn(args.clips, int(args.seconds * 16000), device=device)
     d2v_model, d2v_step, d2v_forward = make_music2vec(size, device)
     hub_model, hub_step, hub_forward = make_musichubert(size, device)
+    w2v_model, w2v_step, w2v_forward = make_wav2vec2(size, device)
     T = d2v_model.encoder.num_frames(wav.shape[1])
     g = torch.Generator().manual_seed(0)
     d2v_mask = span_mask((args.clips, T), 0.65, 10, min_masks=1, generator=g).to(device)
     hub_mask = span_mask((args.clips, T), 0.8, 10, min_masks=2, generator=g).to(device)
+    w2v_mask = span_mask((args.clips, T), 0.65, 10, min_masks=2, generator=g).to(device)
     targets = torch.randint(0, 500, (args.clips, T), generator=g).to(device)
 
     runs = {
         "music2vec step": lambda: d2v_step(wav, d2v_mask),
         "musichubert step": lambda: hub_step(wav, hub_mask, targets),
+        "wav2vec2 step": lambda: w2v_step(wav, w2v_mask),
         "music2vec student forward": lambda: d2v_forward(wav, d2v_mask, False),
         "music2vec student+teacher forward": lambda: d2v_forward(wav, d2v_mask, True),
         "musichubert forward": lambda: hub_forward(wav, hub_mask, targets),
+        "wav2vec2 forward": lambda: w2v_forward(wav, w2v_mask),
     }
     for fn in runs.values():  # warm-up (allocator, first-call overheads)
         fn()
@@ -133,6 +160,8 @@ def main():
     for name, (wall, cpu) in med.items():
         print(f"  {name:36s} {wall * 1000:9.1f} ms wall {cpu * 1000:9.1f} ms cpu")
     for label, a, b in (("step: music2vec / musichubert", "music2vec step", "musichubert step"),
+                        ("step: wav2vec2 / musichubert", "wav2vec2 step", "musichubert step"),
+                        ("forward: wav2vec2 / musichubert", "wav2vec2 forward", "musichubert forward"),
                         ("forward: student+teacher / student", "music2vec student+teacher forward",
                          "music2vec student forward")):
         print(f"  {label:36s} {med[a][0] / med[b][0]:9.2f} x wall {med[a][1] / med[b][1]:9.2f} x cpu")
