@@ -20,6 +20,7 @@ import math
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

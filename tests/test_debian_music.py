@@ -281,8 +281,8 @@ def test_songs_clips_manifests_licences(built):
 def test_notes_in_nsynth_layout_split_disjoint(built):
     tmp, out, info = built
     root = os.path.join(out, "nsynth")
-    inst = read_nsynth(root, "instrument")
-    pitch = read_nsynth(root, "pitch")
+    inst = read_nsynth(root, "instrument").clips
+    pitch = read_nsynth(root, "pitch").clips
     assert [c.key for c in inst] == [c.key for c in pitch]
     counts = {s: sum(c.split == s for c in inst) for s in ("train", "valid", "test")}
     assert counts == {"train": 24, "valid": 8, "test": 8}
