@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 try:  # Triton is optional: without it (macOS, CPU-only wheels) the torch path below still works.
     import triton
     import triton.language as tl
@@ -324,23 +326,7 @@ CONFIGS = {
 }
 KINDS = ("fwd", "dkdv", "dq")
 
-# Plan for this GPU instead of the current device: (compute capability as 80 / 90 / ..., max shared memory per block
-# in bytes). kernels/compile_check.py sets it to check the named targets without owning them.
-GPU_TARGET = None
-
-
-def gpu_limits(device):
-    """(compute capability major * 10 + minor, max dynamic shared memory per block) of a CUDA device."""
-    if GPU_TARGET is not None:
-        return GPU_TARGET
-    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(index):  # asked on every call in `auto`: once per device is enough
-    major, minor = torch.cuda.get_device_capability(index)
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
-    return major * 10 + minor, props["max_shared_mem"]
+# The GPU whose limits the configs are planned for: kernels.gpu_limits (kernels/__init__.py).
 
 
 def shared_memory_estimate(kind, config, elt, head_dim, dropout, arch):
@@ -367,7 +353,7 @@ _SAID = set()
 def kernel_configs(kind, device, dtype, head_dim, dropout):
     """The candidates of CONFIGS that fit this device for these inputs (empty if none does)."""
     elt = dtype.itemsize
-    arch, max_shared = gpu_limits(device)
+    arch, max_shared = kernels.gpu_limits(device)
     return [c for c in CONFIGS[(kind, elt, 64 if head_dim <= 64 else 128)]
             if shared_memory_estimate(kind, c, elt, head_dim, dropout, arch) <= max_shared]
 
@@ -376,10 +362,10 @@ def kernel_fits(device, dtype, head_dim, dropout):
     """Whether forward and both backward kernels have a config for this device and input; says once if not."""
     if all(kernel_configs(kind, device, dtype, head_dim, dropout) for kind in KINDS):
         return True
-    key = (gpu_limits(device), dtype, head_dim, bool(dropout))
+    key = (kernels.gpu_limits(device), dtype, head_dim, bool(dropout))
     if key not in _SAID:
         _SAID.add(key)
-        arch, max_shared = gpu_limits(device)
+        arch, max_shared = kernels.gpu_limits(device)
         print(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {dtype} head dim "
               f"{head_dim}{' with dropout' if dropout else ''}; using torch's scaled_dot_product_attention",
               file=sys.stderr, flush=True)
@@ -544,7 +530,7 @@ def attention_triton(q, k, v, lengths=None, dropout_p=0.0, seed=None):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if q.is_cuda and not (_PINNED or all(kernel_configs(kind, q.device, q.dtype, q.shape[-1], dropout_p > 0)
                                          for kind in KINDS)):
-        arch, max_shared = gpu_limits(q.device)
+        arch, max_shared = kernels.gpu_limits(q.device)
         raise RuntimeError(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {q.dtype} "
                            f"head dim {q.shape[-1]}; use the torch or auto backend")
     if seed is None:

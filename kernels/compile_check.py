@@ -38,6 +38,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import triton  # noqa: E402
 
+import kernels  # noqa: E402
+
 try:  # compiler internals (Triton 3.4+): how a launch is specialised and compiled
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -118,17 +120,15 @@ def recording(into):
         Autotuner.run, JITFunction.run = original_tuned, original_plain
 
 
-def _plan_for(modules, arch):
+def _plan_for(arch):
     """Tell the kernel modules which GPU to plan configs for (they read the current device otherwise)."""
-    for m in modules:
-        if hasattr(m, "GPU_TARGET"):
-            m.GPU_TARGET = (arch, TARGETS[arch][1])
+    kernels.GPU_TARGET = (arch, TARGETS[arch][1])
 
 
 def attention_launches(arch, dtypes, head_dims, dropouts, T=1500):
     """Forward and both backward launches, in model.py's layout (B x T x H x D projections viewed as B x H x T x D)."""
     import kernels.attention as attn
-    _plan_for([attn], arch)
+    _plan_for(arch)
     out = []
     for dname in dtypes:
         for D in head_dims:
@@ -151,7 +151,7 @@ def attention_launches(arch, dtypes, head_dims, dropouts, T=1500):
 
 def dropout_mask_launches(arch):
     import kernels.attention as attn
-    _plan_for([attn], arch)
+    _plan_for(arch)
     rec = []
     with recording(rec):
         attn.dropout_keep_mask(12345, 2, 2, 1500, 0.1)
@@ -163,7 +163,7 @@ def kmeans_launches(arch, variants, dims, K=500, N=4099):
     """variants: "fp32" (3xTF32), "tf32" (fp32 with allow_tf32), "bf16", "fp16"; each as assign, fused assign+sum
     and (fp32/bf16) the separate cluster_sums."""
     import kernels.kmeans as km
-    _plan_for([km], arch)
+    _plan_for(arch)
     km._use_triton = lambda *a, **k: True  # the launchers refuse CPU tensors outside the interpreter; here nothing runs
     out = []
     for variant in variants:
@@ -453,7 +453,7 @@ def _static_configs_left(archs):
     lines = []
     for arch in archs:
         if hasattr(attn, "kernel_configs"):
-            _plan_for([attn], arch)
+            _plan_for(arch)
             for dname, dtype in DTYPES.items():
                 for D in attn.SUPPORTED_HEAD_DIMS:
                     for dropout in (False, True):
@@ -462,7 +462,7 @@ def _static_configs_left(archs):
                                 lines.append(f"sm_{arch} attention {kind} {dname} d{D}"
                                              + (" dropout" if dropout else "") + ": no config fits")
         if hasattr(km, "kernel_configs"):
-            _plan_for([km], arch)
+            _plan_for(arch)
             for variant in ("fp32", "tf32", "bf16", "fp16"):
                 for D in (13, 39, 60, 128, 129, 768, 1024):
                     if not km.kernel_configs(torch.device("cuda"), variant, D):

@@ -24,6 +24,8 @@ import sys
 import numpy as np
 import torch
 
+import kernels
+
 try:  # Triton is optional: without it the torch paths below still work.
     import triton
     import triton.language as tl
@@ -207,23 +209,7 @@ CONFIGS = {
 }
 VARIANTS = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "16bit", "fp16": "16bit"}
 
-# Plan for this GPU instead of the current device: (compute capability as 80 / 90 / ..., max shared memory per block
-# in bytes). kernels/compile_check.py sets it to check the named targets without owning them.
-GPU_TARGET = None
-
-
-def gpu_limits(device):
-    """(compute capability major * 10 + minor, max dynamic shared memory per block) of a CUDA device."""
-    if GPU_TARGET is not None:
-        return GPU_TARGET
-    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_limits(index):  # asked on every call in `auto`: once per device is enough
-    major, minor = torch.cuda.get_device_capability(index)
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
-    return major * 10 + minor, props["max_shared_mem"]
+# The GPU whose limits the configs are planned for: kernels.gpu_limits (kernels/__init__.py).
 
 
 def _block_d(D):
@@ -253,7 +239,7 @@ def shared_memory_estimate(config, variant, D, arch):
 
 def kernel_configs(device, variant, D):
     """The candidates that fit this device for these inputs (empty if none does)."""
-    arch, max_shared = gpu_limits(device)
+    arch, max_shared = kernels.gpu_limits(device)
     return [c for c in CONFIGS[(VARIANTS[variant], _block_d(D)[1])]
             if shared_memory_estimate(c, variant, D, arch) <= max_shared]
 
@@ -264,10 +250,10 @@ _SAID = set()
 def kernel_fits(device, variant, D):
     if kernel_configs(device, variant, D):
         return True
-    key = (gpu_limits(device), variant, D)
+    key = (kernels.gpu_limits(device), variant, D)
     if key not in _SAID:
         _SAID.add(key)
-        arch, max_shared = gpu_limits(device)
+        arch, max_shared = kernels.gpu_limits(device)
         print(f"k-means: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {variant} points of "
               f"{D} dims; using torch", file=sys.stderr, flush=True)
     return False
@@ -348,7 +334,7 @@ def _assign_triton(x, centroids, accumulate, allow_tf32):
         _assign_kernel[(triton.cdiv(N, b),)](*args, BLOCK_N=b, BLOCK_K=b, **flags)
     else:
         if not kernel_configs(x.device, _variant(x.dtype, allow_tf32), D):
-            arch, max_shared = gpu_limits(x.device)
+            arch, max_shared = kernels.gpu_limits(x.device)
             raise RuntimeError(f"k-means: no kernel config fits sm_{arch} ({max_shared} B shared memory) for "
                                f"{_variant(x.dtype, allow_tf32)} points of {D} dims; use the torch or auto backend")
         _assign_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 import kernels.attention as attn
 import kernels.kmeans as km
 
@@ -192,18 +193,16 @@ def test_kernels_fall_back_to_torch_when_no_config_fits(capsys, monkeypatch):
     from types import SimpleNamespace
     cuda_q = SimpleNamespace(is_cuda=True, shape=(2, 2, 100, 128), dtype=torch.float32, device=torch.device("cuda"))
     monkeypatch.setattr(attn, "HAS_TRITON", True)
-    monkeypatch.setattr(attn, "GPU_TARGET", (75, 1024))  # a GPU with 1 KB of shared memory: nothing fits
+    monkeypatch.setattr(kernels, "GPU_TARGET", (75, 1024))  # a GPU with 1 KB of shared memory: nothing fits
     assert not attn._kernel_applies(cuda_q, 0.1)
     assert not attn._kernel_applies(cuda_q, 0.1)
     said = capsys.readouterr().err
     assert said.count("no kernel config fits sm_75") == 1 and "using torch" in said  # said once
-    monkeypatch.setattr(km, "GPU_TARGET", (75, 1024))
     assert not km.kernel_fits(torch.device("cuda"), "fp32", 39)
     assert "k-means: no kernel config fits sm_75" in capsys.readouterr().err
     # on the named targets every input the kernels accept keeps a config (tests/test_kernels_compile.py compiles them)
     for target in [(80, 166_912), (90, 232_448)]:
-        monkeypatch.setattr(attn, "GPU_TARGET", target)
-        monkeypatch.setattr(km, "GPU_TARGET", target)
+        monkeypatch.setattr(kernels, "GPU_TARGET", target)
         for dtype in attn.SUPPORTED_DTYPES:
             for D in attn.SUPPORTED_HEAD_DIMS:
                 assert attn._kernel_applies(SimpleNamespace(**dict(vars(cuda_q), shape=(2, 2, 100, D), dtype=dtype)),
