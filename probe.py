@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import probe_finetune
 import probe_frames
 from data import beats, downstream
 from data.audio import AudioError
@@ -695,6 +696,9 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
     if TASKS[task_name].kind == "beat":  # frame features, beat decoding: probe_frames.py
         return probe_frames.run(task_name, TASKS[task_name], model_spec, encoder, tag, args, log)
     task, listing = task_data(task_name, args.data_root, args.max_clips)
+    if args.mode != "frozen":  # the wav2vec 2.0 paper's fe / ft1 / ft2: probe_finetune.py
+        return probe_finetune.run(task_name, task, listing, task_extraction(task, args), model_spec, encoder, tag,
+                                  args, log)
     clips = listing.clips
     ext = task_extraction(task, args)
     key = cache_key(tag, ext)
@@ -794,6 +798,7 @@ def parse_args(argv):
     p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--results", default=RESULTS, help="JSON lines appended per run; with --task all, the "
                    "Table-1 files go to <its folder>/<model tag>/ (default runs/)")
+    probe_finetune.add_arguments(p)  # --mode, --encoder-lr, --save-model
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     args.all = args.tasks == ["all"]
@@ -817,6 +822,7 @@ def parse_args(argv):
         p.error("--save-heads keeps one model's heads: give one --model and one --seed")
     if (args.window is not None and not args.window > 0) or (args.crop is not None and args.crop < 0):
         p.error("--window must be positive seconds, --crop 0 (none) or positive seconds")
+    probe_finetune.check_args(p, args, TASKS)  # before the frozen probe's default --batch-seconds
     if args.batch_seconds is None:
         args.batch_seconds = 240.0 if args.device.startswith("cuda") else 60.0
     return args
