@@ -7,6 +7,7 @@
     python probe.py predict --heads heads/ --model out/ckpt.pt song.mp3 other.wav
     python probe.py --task all --model out/ckpt.pt --data-root ~/data          # every data set found; Table 1
     python probe.py report runs/probe_results.jsonl other/probe_results.jsonl --out runs/compare
+    python probe.py --task nsynth_pitch --mode ft2 --model out/ckpt.pt --data-root ~/data/nsynth   # probe_finetune.py
 
 1. Extract (probe_features.py): every clip is z-normalised once, cut into the task's windows, run through the frozen
    encoder, and each of the layers+1 hidden states is mean-pooled per window. The rows go into a memory-mapped
@@ -794,7 +795,8 @@ def parse_args(argv):
                    help="write the chosen head of each task (with --sweep the grid's best) to DIR/<task>.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-seconds", type=float, default=None,
-                   help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU)")
+                   help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU); with --mode fe/ft1/ft2 "
+                        "the padded audio per forward/backward piece of a batch (default 128 on GPU, 32 on CPU)")
     p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--results", default=RESULTS, help="JSON lines appended per run; with --task all, the "
                    "Table-1 files go to <its folder>/<model tag>/ (default runs/)")

@@ -18,7 +18,7 @@ import probe_features as pf
 import probe_finetune as ft
 from data import downstream
 from model import Encoder, EncoderConfig, load_pretrained
-from test_probe import tone, write_nsynth
+from test_probe import tone, write_nsynth, write_vocalset
 
 SR = 16000
 
@@ -290,6 +290,24 @@ def test_cli_end_to_end_with_saved_model_and_report(tmp_path, capsys):
     assert len(rows) == 2 and sum("[ft2]" in r for r in rows) == 1
     table = [line.split(",")[0] for line in open(tmp_path / "report" / "table.csv")][1:]
     assert sorted(table) == sorted([str(ckpt), f"{ckpt} [ft2]"])
+
+
+def test_cli_vocalset_items_are_chunks(tmp_path):
+    """An item="window" task fine-tunes on every 2.993 s chunk as its own item (MARBLE's VocalSet files), as the
+    frozen probe counts them; an unusable file is left out with its path, as the frozen probe does."""
+    root = tmp_path / "vocalset"
+    chunks = write_vocalset(root)
+    results = tmp_path / "r.jsonl"
+    rec = probe.main(["--task", "vocalset_tech", "--mode", "ft1", "--model", "random", "--model-config", "tiny",
+                      "--data-root", str(root), "--epochs", "1", "--results", str(results), "--device", "cpu"])[
+        ("vocalset_tech", "random", probe.SEED)]
+    clips = downstream.read_vocalset(str(root), "technique").clips
+    for split in ("train", "valid", "test"):
+        part = [c.key for c in clips if c.split == split and "too_short" not in c.key]
+        assert rec["items"][split] == rec["windows"][split] == sum(chunks[k] for k in part)
+    assert rec["item"] == "window" and rec["epochs"] == 1
+    correct = rec["metrics"]["acc"] * rec["items"]["test"]
+    assert correct == pytest.approx(round(correct))
 
 
 def test_cli_refuses_what_fine_tuning_does_not_run(tmp_path, capsys):
