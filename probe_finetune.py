@@ -18,8 +18,10 @@ task's cap: 50 for NSynth, 100 otherwise) and tests the weights of the lowest va
 What is the same as the frozen probe, read from the same code: the task definitions and readers (probe.TASKS, passed
 in by probe.py), the windows of a clip (probe_features.clip_windows: each clip z-normalised ONCE, then cut, and the
 encoder called with normalize=False, so a data2vec encoder does not renormalise each window), a training batch of
---batch-size items with all their windows (each window a row with its clip's label; loss averaged over rows), logits
-averaged over a clip's windows at evaluation, and the metrics (probe_metrics). What differs: no feature store; the
+--batch-size items with all their windows (each window a row with its clip's label; probe.loss_fn averaged over
+rows), logits averaged over a clip's windows at evaluation (probe.clip_average), the metrics (probe_metrics), the
+splits less the unusable clips (probe.usable_splits) and the results line (probe.result_record, with the fine-tuning
+fields added; probe.append_record). What differs: no feature store; the
 encoder runs on audio every step (decoded audio is kept in memory up to AUDIO_CACHE_BYTES, then re-read), a batch
 goes through the encoder in pieces of at most --batch-seconds of (padded) audio whose gradients add up to the whole
 batch's (accumulation), bf16 autocast on CUDA, and the validation loss (of clip-level logits) decides the epoch.
@@ -37,7 +39,6 @@ ensembles of window outputs chosen on validation, not per item) and the MTG-Jame
 every epoch would run the encoder forward and backward over all of it); the frozen probe covers them.
 """
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -46,11 +47,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data.audio import SAMPLE_RATE, AudioError
 from model import Encoder
-from probe_features import AUDIO_WORKERS, _prefetch, _read_windows, describe_windows
+from probe_features import AUDIO_WORKERS, _read_windows, describe_windows, prefetch
 from probe_metrics import split_metrics
 from training import NonFiniteGuard, NonFiniteLossError, autocast_context
 
@@ -210,7 +210,7 @@ class AudioReader:
         """{clip key: reason} for the clips that cannot be used; counts the windows of the others."""
         failed = {}
         todo = [c for c in dict((c.key, c) for c in clips).values() if c.key not in self.count]
-        for clip, (windows, error) in _prefetch(lambda c: _read_windows(c, self.ext), todo, AUDIO_WORKERS):
+        for clip, (windows, error) in prefetch(lambda c: _read_windows(c, self.ext), todo, AUDIO_WORKERS):
             if error is None and not windows:
                 error = f"{clip.path}: too short for one window ({describe_windows(self.ext)})"
             if error is not None:
@@ -273,7 +273,7 @@ def batches(reader, items, order, batch_size):
     """(item indices, windows, owner: position in the batch of each window's item), batch after batch, decoded on
     AUDIO_WORKERS threads ahead of the encoder."""
     idx, windows, owner = [], [], []
-    for i, ws in _prefetch(lambda i: item_windows(reader, items, i), order, AUDIO_WORKERS):
+    for i, ws in prefetch(lambda i: item_windows(reader, items, i), order, AUDIO_WORKERS):
         owner += [len(idx)] * len(ws)
         idx.append(i)
         windows += ws
@@ -320,15 +320,17 @@ def pooled_windows(model, windows, device, autocast):
         return model.pooled(*padded(windows, device)).float()
 
 
-def row_loss(kind, logits, y, reduction="mean"):
-    """The frozen probe's losses (MARBLE's): cross entropy, BCE with logits, MSE, per row."""
-    if kind == "multiclass":
-        return F.cross_entropy(logits, y, reduction=reduction)
-    if kind == "multilabel":
-        loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(-1)
-    else:
-        loss = F.mse_loss(logits, y.float(), reduction="none").mean(-1)
-    return loss.mean() if reduction == "mean" else loss.sum()
+def _probe():
+    """probe.py, for what fine-tuning shares with the frozen probe (its loss, clip average, splits and results
+    lines); imported when needed because probe.py imports this module."""
+    import probe
+    return probe
+
+
+def row_loss(kind, logits, y):
+    """The frozen probe's loss (probe.loss_fn: MARBLE's cross entropy, BCE with logits, MSE), the mean over the rows
+    of N x outputs logits."""
+    return _probe().loss_fn(kind, logits[None], y if kind == "multiclass" else y.to(logits.dtype))
 
 
 def accumulate(model, kind, windows, y_rows, budget, device, autocast):
@@ -338,7 +340,7 @@ def accumulate(model, kind, windows, y_rows, budget, device, autocast):
     total, rows = 0.0, len(windows)
     for a, b in pieces([len(w) for w in windows], budget):
         logits = window_logits(model, windows[a:b], device, autocast)
-        loss = row_loss(kind, logits, y_rows[a:b].to(device), reduction="sum") / rows
+        loss = row_loss(kind, logits, y_rows[a:b].to(device)) * ((b - a) / rows)
         loss.backward()
         total += float(loss.detach())
     return total
@@ -353,8 +355,7 @@ def evaluate(model, reader, items, kind, budget, device, autocast, batch_size):
     for idx, windows, owner in batches(reader, items, np.arange(len(items)), batch_size):
         logits = torch.cat([window_logits(model, windows[a:b], device, autocast).cpu()
                             for a, b in pieces([len(w) for w in windows], budget)])
-        sums = torch.zeros(len(idx), logits.shape[1]).index_add_(0, owner, logits)
-        out[torch.from_numpy(idx)] = sums / torch.bincount(owner, minlength=len(idx))[:, None]
+        out[torch.from_numpy(idx)] = _probe().clip_average(logits[None], owner, len(idx))[0]
     return out, float(row_loss(kind, out, items.y))
 
 
@@ -468,21 +469,13 @@ def describe(model, mode, head_lr, encoder_lr):
 def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print):
     """Fine-tunes (or, in fe, trains the head on) one task and appends the results line probe.py writes, with
     `mode` recorded. task, listing and ext come from probe.py (its TASKS, readers and --window/--crop)."""
-    mode = args.mode
+    P, mode = _probe(), args.mode
     cpu0, t0 = time.process_time(), time.time()
     reader = AudioReader(ext)
     failed = reader.scan(listing.clips)
     read_s = time.time() - t0
-    if failed:
-        log(f"{task_name}: {len(failed)} of {len(listing.clips)} clips could not be used and are left out:")
-        for reason in failed.values():
-            log(f"  {reason}")
-    data, n_clips = {}, {}
-    for split in ("train", "valid", "test"):
-        part = [c for c in listing.clips if c.split == split and c.key not in failed]
-        if not part:
-            sys.exit(f"{task_name}: every {split} clip failed (see above)")
-        data[split], n_clips[split] = make_items(part, reader, task.item, task.kind), len(part)
+    splits = P.usable_splits(task_name, listing.clips, failed, log)
+    data = {split: make_items(part, reader, task.item, task.kind) for split, part in splits.items()}
     head_lr = args.lr or (FE_LR if mode == "fe" else HEAD_LR)
     encoder_lr = args.encoder_lr if args.encoder_lr is not None else ENCODER_LR
     epochs = args.epochs or task.epochs
@@ -509,28 +502,24 @@ def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print
                                   args.batch_size)
     valid = split_metrics(task, outs["valid"].numpy(), data["valid"])
     test = split_metrics(task, outs["test"].numpy(), data["test"], valid=valid)
-    cpu_s = time.process_time() - cpu0
-    record = dict(task=task_name, model=model_spec, model_tag=tag, mode=mode, metrics=test, valid=valid,
-                  layers="last", lr=head_lr, encoder_lr=None if mode == "fe" else encoder_lr,
-                  best_epoch=fit["best_epoch"], epochs=fit["epochs"], stopped=fit["stopped"],
-                  valid_loss=fit["valid_loss"], layer_weights=None, sweep=False, heads=1, seed=args.seed,
-                  clips=n_clips, windows=windows, items={s: len(d) for s, d in data.items()}, item=task.item,
-                  extraction=asdict(ext), skipped=sorted(failed.values()),
-                  seconds=dict(read=round(read_s, 2), train=round(train_s, 2), cpu=round(cpu_s, 1)),
-                  table=list(task.table or task.metrics), batch_size=args.batch_size,
+    result = dict(layers="last", lr=head_lr, best_epoch=fit["best_epoch"], best_valid=valid[task.metrics[0]],
+                  valid=valid, test=test, layer_weights=None, cell=(0, 0))
+    record = P.result_record(task_name, task, model_spec, tag, args, [result], splits, ext, failed,
+                             dict(read=read_s, train=train_s, cpu=time.process_time() - cpu0), windows=windows,
+                             items={s: len(d) for s, d in data.items()})
+    record.update(mode=mode, encoder_lr=None if mode == "fe" else encoder_lr, epochs=fit["epochs"],
+                  stopped=fit["stopped"], valid_loss=fit["valid_loss"], batch_size=args.batch_size,
                   batch_seconds=args.batch_seconds, patience=PATIENCE, max_epochs=epochs,
                   regularisation=None if mode == "fe" else dict(REGULARISATION), history=fit["history"])
     if args.save_model:
         record["model_file"] = save_model(args.save_model, task_name, mode, model, encoder.cfg, listing, ext,
                                           model_spec, tag, record)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    P.append_record(record, args.results)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items())
     log(f"{task_name}  {model_spec}  --mode {mode}  test {shown}  (valid loss {fit['valid_loss']:.4f} at epoch "
         f"{fit['best_epoch']} of {fit['epochs']}, {'stopped early' if fit['stopped'] == 'early' else 'epoch cap'}; "
         f"lr {head_lr:g}" + ("" if mode == "fe" else f" / encoder {encoder_lr:g}") +
-        f"; read {read_s:.1f}s, train {train_s:.1f}s, cpu {cpu_s:.0f}s)")
+        f"; read {read_s:.1f}s, train {train_s:.1f}s, cpu {record['seconds']['cpu']:.0f}s)")
     return record
 
 
