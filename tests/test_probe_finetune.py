@@ -87,6 +87,14 @@ def test_modes_configure_the_encoder():
     for cfg in (ft2, ft1):
         assert {k: getattr(cfg, k) for k in ft.REGULARISATION} == ft.REGULARISATION
     assert (ft2.feature_grad_mult, ft1.feature_grad_mult) == (0.0, 1.0)
+    # ft2's conv front end is frozen twice over (no autograd through it, no optimiser entry): each pinned here, as the
+    # training test above passes while either one holds
+    names = {n for n, _ in enc.named_parameters()}
+    conv = {n for n in names if n.startswith("feature_extractor.")}
+    for mode, want in (("fe", set()), ("ft2", names - conv - {"mask_emb"}), ("ft1", names - {"mask_emb"})):
+        model = ft.prepare(enc, 3, mode, seed=0)
+        assert {n for n, p in model.encoder.named_parameters() if p.requires_grad} == want
+        assert all(p.requires_grad for p in model.head.parameters())
 
 
 def test_optimiser_learning_rates():
