@@ -7,6 +7,7 @@
     python probe.py predict --heads heads/ --model out/ckpt.pt song.mp3 other.wav
     python probe.py --task all --model out/ckpt.pt --data-root ~/data          # every data set found; Table 1
     python probe.py report runs/probe_results.jsonl other/probe_results.jsonl --out runs/compare
+    python probe.py --task nsynth_pitch --mode ft2 --model out/ckpt.pt --data-root ~/data/nsynth   # probe_finetune.py
 
 1. Extract (probe_features.py): every clip is z-normalised once, cut into the task's windows, run through the frozen
    encoder, and each of the layers+1 hidden states is mean-pooled per window. The rows go into a memory-mapped
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import probe_finetune
 import probe_frames
 import probe_report
 from data import beats, downstream
@@ -534,11 +536,16 @@ def result_record(task_name, task, spec, tag, args, results, splits, ext, failed
     return record
 
 
+def append_record(record, results):
+    """One JSON line appended to the results file (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def write_result(record, results, task, args, log):
     """Appends the record to --results and prints the run's line."""
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(record, args.results)
     r, sec = validation_best(results), record["seconds"]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in r["test"].items())
     log(f"{record['task']}  {record['model']}  test {shown}  (valid {task.metrics[0]} {r['best_valid']:.4f}, layers "
@@ -551,6 +558,9 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
     task, listing = task_data(task_name, args.data_root, args.max_clips, log)
     if task.kind == "beat":  # frame features, beat decoding: probe_frames.py
         return probe_frames.run(task_name, task, listing, model_spec, encoder, tag, args, log)
+    if args.mode != "frozen":  # the wav2vec 2.0 paper's fe / ft1 / ft2: probe_finetune.py
+        return probe_finetune.run(task_name, task, listing, task_extraction(task, args), model_spec, encoder, tag,
+                                  args, log)
     ext = task_extraction(task, args)
     key = cache_key(tag, ext)
     path = store_path(args.cache_dir, task.features or task_name, key)
@@ -607,10 +617,12 @@ def parse_args(argv):
                    help="write the chosen head of each task (with --sweep the grid's best) to DIR/<task>.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-seconds", type=float, default=None,
-                   help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU)")
+                   help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU); with --mode fe/ft1/ft2 "
+                        "the padded audio per forward/backward piece of a batch (default 128 on GPU, 32 on CPU)")
     p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--results", default=RESULTS, help="JSON lines appended per run; with --task all, the "
                    "Table-1 files go to <its folder>/<model tag>/ (default runs/)")
+    probe_finetune.add_arguments(p)  # --mode, --encoder-lr, --save-model
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     args.all = args.tasks == ["all"]
@@ -634,6 +646,7 @@ def parse_args(argv):
         p.error("--save-heads keeps one model's heads: give one --model and one --seed")
     if (args.window is not None and not args.window > 0) or (args.crop is not None and args.crop < 0):
         p.error("--window must be positive seconds, --crop 0 (none) or positive seconds")
+    probe_finetune.check_args(p, args, TASKS)  # before the frozen probe's default --batch-seconds
     if args.batch_seconds is None:
         args.batch_seconds = 240.0 if args.device.startswith("cuda") else 60.0
     return args

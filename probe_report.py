@@ -52,9 +52,15 @@ def load_results(paths):
 
 
 def row_key(r):
-    """One table row per model: its tag, without the seed of a random encoder (seeds of one architecture are one
-    row, averaged)."""
-    return re.sub(r"-seed-?\d+$", "", r["model_tag"])
+    """One table row per model and evaluation mode: its tag, without the seed of a random encoder (seeds of one
+    architecture are one row, averaged), with the mode of a fine-tuning run (probe.py --mode fe|ft1|ft2)."""
+    tag = re.sub(r"-seed-?\d+$", "", r["model_tag"])
+    return tag if r.get("mode", "frozen") == "frozen" else f"{tag}-{r['mode']}"
+
+
+def model_label(r):
+    """The --model given, with the mode of a fine-tuning run: `out/ckpt.pt [ft2]`."""
+    return r["model"] if r.get("mode", "frozen") == "frozen" else f"{r['model']} [{r['mode']}]"
 
 
 def latest(records):
@@ -69,7 +75,7 @@ def row_labels(records):
     """{row key: label}: the --model given, with the tag where two rows would read the same."""
     first = {}
     for r in records:
-        first.setdefault(row_key(r), r["model"])
+        first.setdefault(row_key(r), model_label(r))
     counts = {}
     for label in first.values():
         counts[label] = counts.get(label, 0) + 1
@@ -121,7 +127,7 @@ def write_csv(path, records):
         for key, tasks in latest(records).items():
             for seed in sorted({s for runs in tasks.values() for s in runs}, key=str):
                 first = next(runs[seed] for runs in tasks.values() if seed in runs)
-                w.writerow([first["model"], first["model_tag"], seed] + [
+                w.writerow([model_label(first), first["model_tag"], seed] + [
                     tasks.get(t, {}).get(seed, {}).get("metrics", {}).get(m, "") for t, m in cols])
 
 
