@@ -7,8 +7,9 @@ with wav2vec 2.0", arXiv 2210.15310), for the encoders model.load_pretrained tak
 codebook: which codewords of a wav2vec 2.0 model's quantiser the frames of NSynth notes pick, against the notes'
 pitch and instrument family (the paper's Figures 1-2). For each quantiser group and for the joint code (one
 codeword per group): a labels x codewords heat map, codeword purity, normalised mutual information and the number of
-codewords used. --compare runs a random-init model of the same architecture beside it. Writes codebook_pitch.png,
-codebook_instrument.png, codebook.json, codebook.csv and codebook_codewords.csv (one row per codeword).
+codewords used, with their chance level (labels shuffled across notes). --compare runs a random-init model of the
+same architecture beside it. Writes codebook_pitch.png, codebook_instrument.png, codebook.json, codebook.csv and
+codebook_codewords.csv (one row per codeword).
 
 layers: projection-weighted CCA (PWCCA, Morcos et al. 2018, arXiv 1806.05759) between the conv front end's output
 and every transformer layer, over the frames of 4 s from the middle of each clip of a manifest, one line per model
@@ -77,6 +78,25 @@ def codeword_statistics(table):
     return {"frames": int(n), "codewords_used": int((cols > 0).sum()), "code_perplexity": math.exp(h_code),
             "nmi": nmi, "purity": float(table.max(0).sum() / n), "mi_nats": mi, "label_entropy_nats": h_label,
             "code_entropy_nats": h_code}
+
+
+def label_statistics(note_labels, notes, codes, shuffles):
+    """codeword_statistics of one code kind against one label over the counted frames (notes: the note of each
+    frame, codes: its codeword), with the chance level from `shuffles` (permutations of the notes): nmi_shuffled and
+    purity_shuffled (means over the permutations) and nmi_adjusted = (MI - E[MI]) / ((H(label) + H(codeword)) / 2 -
+    E[MI]), the adjusted mutual information's form (Vinh et al. 2010) with the expectation taken by moving whole
+    notes' labels rather than single frames: the frames of a note share its label and mostly its codewords, so many
+    codewords (the joint code) buy a high NMI by chance alone; 0 at that chance level, 1 for a perfect match.
+    Returns (statistics, table, label values, codeword values)."""
+    table, label_values, code_values = contingency(note_labels[notes], codes)
+    stats = codeword_statistics(table)
+    chance = [codeword_statistics(contingency(note_labels[p][notes], codes)[0]) for p in shuffles]
+    expected = float(np.mean([c["mi_nats"] for c in chance]))
+    top = (stats["label_entropy_nats"] + stats["code_entropy_nats"]) / 2 - expected
+    stats["nmi_shuffled"] = float(np.mean([c["nmi"] for c in chance]))
+    stats["purity_shuffled"] = float(np.mean([c["purity"] for c in chance]))
+    stats["nmi_adjusted"] = (stats["mi_nats"] - expected) / top if top > 0 else 0.0
+    return stats, table, label_values, code_values
 
 
 def joint_codes(codes, codewords):
@@ -206,7 +226,15 @@ def write_json(path, blob):
 
 
 def save_figure(fig, path, dpi):
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    """PNG with a 256-colour palette: a heat map holds one colour map's 256 levels and the text's greys, and the
+    palette makes its file about a third of matplotlib's RGBA one."""
+    import io
+    from PIL import Image  # matplotlib's own dependency
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    image = Image.open(buf).convert("RGB").quantize(colors=256)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -277,7 +305,8 @@ def plot_codebook(path, label_kind, label_values, panels, dpi):
                               vmin=0, vmax=1)
             s = p["stats"]
             more = f", {len(cols)} most frequent shown" if len(cols) < s["codewords_used"] else ""
-            ax.set_title(f"{p['model']}, {p['kind']}: NMI {s['nmi']:.3f}, purity {s['purity']:.2f}\n"
+            ax.set_title(f"{p['model']}, {p['kind']}: NMI {s['nmi']:.3f} (adjusted {s['nmi_adjusted']:.3f}), "
+                         f"purity {s['purity']:.2f}\n"
                          f"{s['codewords_used']} of {p['possible']} codewords used{more}", fontsize=8)
             ax.set_xticks([])
             if label_kind == "instrument":
@@ -337,7 +366,8 @@ def codebook_main(args, log=print):
               "frames": {"rule": args.frames, "active_db": args.active_db if args.frames == "active" else None,
                          "counted": int(keep.sum()), "total": int(len(keep))},
               "nmi": "MI / ((H(label) + H(codeword)) / 2), nats; *_shuffled: mean over "
-                     f"{SHUFFLES} permutations of the labels across notes (chance level)",
+                     f"{SHUFFLES} permutations of the labels across notes (chance level); nmi_adjusted: (MI - "
+                     "E[MI]) / ((H(label) + H(codeword)) / 2 - E[MI]), E over those permutations",
               "models": []}
     rows, codeword_rows = [], []
     panels = {label: [[None] * len(models) for _ in kinds] for label in LABELS}
@@ -352,11 +382,7 @@ def codebook_main(args, log=print):
             entry["codes"][kind] = {"codewords_possible": possible[kind]}
             per_label = {}
             for label in LABELS:
-                table, label_values, code_values = contingency(label_of[label][notes], c)
-                stats = codeword_statistics(table)
-                chance = [codeword_statistics(contingency(label_of[label][perm][notes], c)[0]) for perm in shuffles]
-                stats["nmi_shuffled"] = float(np.mean([s["nmi"] for s in chance]))
-                stats["purity_shuffled"] = float(np.mean([s["purity"] for s in chance]))
+                stats, table, label_values, code_values = label_statistics(label_of[label], notes, c, shuffles)
                 entry["codes"][kind][label] = stats
                 per_label[label] = (table, label_values, code_values)
                 rows.append({"model": name, "codes": kind, "label": label, "codewords_possible": possible[kind],
@@ -381,13 +407,13 @@ def codebook_main(args, log=print):
         for kind in kinds:
             s = entry["codes"][kind]
             log(f"{name:>24s} {kind:>8s}: {s['pitch']['codewords_used']:6d} of {possible[kind]} codewords used; "
-                f"NMI pitch {s['pitch']['nmi']:.3f} (shuffled {s['pitch']['nmi_shuffled']:.3f}), instrument "
-                f"{s['instrument']['nmi']:.3f} ({s['instrument']['nmi_shuffled']:.3f}); purity pitch "
-                f"{s['pitch']['purity']:.3f}, instrument {s['instrument']['purity']:.3f}")
+                + "; ".join(f"{label} NMI {s[label]['nmi']:.3f} (shuffled {s[label]['nmi_shuffled']:.3f}, adjusted "
+                            f"{s[label]['nmi_adjusted']:.3f}), purity {s[label]['purity']:.3f}" for label in LABELS))
 
     write_json(os.path.join(args.out, "codebook.json"), result)
     columns = ["model", "codes", "label", "frames", "codewords_possible", "codewords_used", "code_perplexity", "nmi",
-               "nmi_shuffled", "purity", "purity_shuffled", "mi_nats", "label_entropy_nats", "code_entropy_nats"]
+               "nmi_shuffled", "nmi_adjusted", "purity", "purity_shuffled", "mi_nats", "label_entropy_nats",
+               "code_entropy_nats"]
     write_csv(os.path.join(args.out, "codebook.csv"), rows, columns)
     write_csv(os.path.join(args.out, "codebook_codewords.csv"), codeword_rows,
               ["model", "codes", "codeword", "frames", "dominant_pitch", "pitch_purity", "dominant_instrument",

@@ -61,6 +61,29 @@ def test_nmi_and_purity_match_sklearn():
     assert s["nmi"] == 1.0 == metrics.normalized_mutual_info_score(np.zeros(5), np.full(5, 3))
 
 
+def test_chance_level_moves_whole_notes():
+    """Codewords private to each note (none shared with another note) say nothing about the label beyond which note
+    a frame is in: their NMI is well above 0 on its own, the adjusted NMI is about 0. Codewords that follow the
+    label score high either way."""
+    rng = np.random.default_rng(0)
+    notes = np.repeat(np.arange(60), 40)  # 60 notes x 40 frames
+    note_labels = rng.integers(0, 6, 60)
+    shuffles = [rng.permutation(60) for _ in range(analyze.SHUFFLES)]
+    private = notes * 4 + rng.integers(0, 4, len(notes))  # each note its own 4 codewords
+    s = analyze.label_statistics(note_labels, notes, private, shuffles)[0]
+    assert s["nmi"] > 0.3 and s["nmi_shuffled"] == pytest.approx(s["nmi"], abs=0.05)
+    assert abs(s["nmi_adjusted"]) < 0.05 and s["purity"] == 1.0
+    follow = note_labels[notes] * 2 + rng.integers(0, 2, len(notes))  # 2 codewords per label
+    s, table, label_values, code_values = analyze.label_statistics(note_labels, notes, follow, shuffles)
+    assert s["purity"] == 1.0 and s["nmi_adjusted"] > 0.75 and s["nmi_shuffled"] < 0.2 < s["nmi"] - 0.5
+    assert table.sum() == len(notes) and len(code_values) == 12
+    # by hand: the adjusted NMI is (MI - E[MI]) / (mean entropy - E[MI]), E over the permutations
+    expected = np.mean([analyze.codeword_statistics(analyze.contingency(note_labels[p][notes], follow)[0])["mi_nats"]
+                        for p in shuffles])
+    mean_h = (s["label_entropy_nats"] + s["code_entropy_nats"]) / 2
+    assert s["nmi_adjusted"] == pytest.approx((s["mi_nats"] - expected) / (mean_h - expected))
+
+
 def test_joint_codes_and_names():
     codes = np.array([[0, 0], [0, 7], [3, 1], [7, 7]])
     joint = analyze.joint_codes(codes, 8)
