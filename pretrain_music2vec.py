@@ -431,6 +431,7 @@ def main():
     finally:
         progress.close()
         logger.close()
+        stop.restore()
     training.cleanup_distributed(info)
 
 

@@ -392,6 +392,7 @@ def main():
     finally:
         progress.close()
         logger.close()
+        stop.restore()
     training.cleanup_distributed(info)
 
 

@@ -12,15 +12,16 @@
    encoder, and each of the layers+1 hidden states is mean-pooled per window. The rows go into a memory-mapped
    float16 feature store per (data set, model, extraction settings) that later runs reuse; an interrupted
    extraction resumes where it stopped.
-2. Train: a softmax-weighted sum of the hidden states into an MLP (512 hidden units, dropout 0.2), Adam, batches of
-   64 clips (all windows of each), ReduceLROnPlateau, early stopping on the validation metric; the best-validation
-   weights are tested. At evaluation the logits of a clip's windows are averaged (MARBLE averages logits).
+2. Train (heads: probe_heads.py): a softmax-weighted sum of the hidden states into an MLP (512 hidden units, dropout
+   0.2), Adam, batches of 64 clips (all windows of each), ReduceLROnPlateau, early stopping on the validation metric;
+   the best-validation weights are tested. At evaluation the logits of a clip's windows are averaged (as MARBLE).
 3. --sweep trains the benchmark's whole grid (6 lrs x {weighted, each state}) as one set of heads, one batched matmul
    per layer group, and reports the test score of the validation-best cell.
-One JSON line per (task, model) is appended to --results, and a readable line is printed. --save-heads keeps the
-chosen head; `probe.py predict` applies saved heads to new audio. `--task all` runs every task whose data set is in
-its folder under --data-root and ends with the paper's Table 1 and a layer-weight plot per model; `probe.py report`
-builds that table from results lines (probe_report.py). Metrics: probe_metrics.py.
+The beat tasks take the frame-level path beside this one (probe_frames.py): 50 Hz frame rows, the same heads applied
+per frame, madmom's DBN. One JSON line per (task, model) is appended to --results, and a readable line is printed.
+--save-heads keeps the chosen head; `probe.py predict` applies saved heads to new audio. `--task all` runs every task
+whose data set is in its folder under --data-root and ends with the paper's Table 1 and a layer-weight plot per
+model; `probe.py report` builds that table from results lines (probe_report.py). Metrics: probe_metrics.py.
 Protocol facts and where MARBLE's code differs from the papers: ../shared/spec/probe.md (summarised in README).
 """
 import argparse
@@ -28,7 +29,6 @@ import dataclasses
 import glob
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -40,28 +40,25 @@ import torch
 import torch.nn.functional as F
 
 import probe_frames
+import probe_report
 from data import beats, downstream
 from data.audio import AudioError
 from model import Encoder, EncoderConfig, load_pretrained
-from probe_metrics import ENSEMBLES, key_metrics, monitored, split_metrics
-from probe_metrics import (accuracy, macro_average_precision, macro_roc_auc, monitor_scores,  # noqa: F401
-                           r2_per_dim, task_metrics)  # (probe.<metric> still names them, as before the move)
-import probe_report
 from probe_features import (Extraction, FeatureStore, Rows, StoreError, cache_key, clip_windows, extract,
                             pooled_hidden_states, rows_of, store_path)
+from probe_heads import HeadAdam, HeadSchedule, ProbeHeads, grid_results, validation_best
+from probe_metrics import ENSEMBLES, key_metrics, monitored, split_metrics
 
 # ------------------------------------------------------------------------------------------------------------------
 # defaults (MARBLE v1: benchmark/tasks/*/*_base_config.yaml and the MARBLE paper, Appendix A)
 SEED = 1234  # MARBLE's pl.seed_everything
 BATCH_SIZE = 64  # clips per training step (MARBLE stacks all windows of each clip in the batch)
-HIDDEN = 512
-DROPOUT = 0.2
-LR_FACTOR = 0.5  # ReduceLROnPlateau factor
 SWEEP_LRS = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 RESULTS = "runs/probe_results.jsonl"
 CACHE_DIR = "runs/probe_features"
 FEATURES_ON_DEVICE_BYTES = 8 << 30  # a feature store up to this size is copied to the GPU once for training
 HEAD_FORMAT = 1
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -121,11 +118,12 @@ TASKS = {
     "mtt": Task(downstream.read_mtt, "multilabel", 50, ("roc_auc", "ap"),
                 epochs=100, patience=10, plateau_patience=3, features="mtt"),
     # beat tracking: the frame-level path (probe_frames.py); MARBLE's GTZANBT_base_config.yaml: lr 1e-3, 100
-    # epochs, early stopping 20, plateau 6, monitor valid_beat_f
-    "gtzan_beat": Task(beats.read_gtzan_beat, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
-                       plateau_patience=6, features="gtzan", extraction=probe_frames.FRAMES, item="track"),
-    "beat": Task(beats.read_beat_folder, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20,
-                 plateau_patience=6, features="beat", extraction=probe_frames.FRAMES, item="track"),
+    # epochs, early stopping 20, plateau 6, monitor valid_beat_f. Table 1 shows MARBLE's F at 70 ms (the headline,
+    # as published) and the field's per-track F (mir_eval.beat.f_measure, 5 s trim)
+    **{name: Task(reader, "beat", 1, probe_frames.BEAT_METRICS, epochs=100, patience=20, plateau_patience=6,
+                  features=features, extraction=probe_frames.FRAMES, item="track", table=probe_frames.BEAT_TABLE)
+       for name, reader, features in (("gtzan_beat", beats.read_gtzan_beat, "gtzan"),
+                                      ("beat", beats.read_beat_folder, "beat"))},
 }
 
 # a small random encoder for tests and smoke runs (extraction in milliseconds on CPU)
@@ -186,168 +184,7 @@ def load_model(spec, random_cfg, seed):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# probe heads: a grid of C layer choices x K learning rates, every head (weighted sum over states -> Linear -> ReLU
-# -> Dropout -> Linear) trained together on the same batches. Heads are grouped by layer choice so that each group
-# is one batched matmul: the K heads of a single state share their input, one GEMM over [D, K * 512] for all.
-
-def layer_choice_mask(choice, num_states):
-    """Which hidden states a head mixes. "all": all layers+1 (the Music2Vec/MusicHuBERT paper); "transformer":
-    1..layers (MARBLE's code drops the transformer input, state 0); an int: that state alone."""
-    mask = torch.zeros(num_states, dtype=torch.bool)
-    if choice == "all":
-        mask[:] = True
-    elif choice == "transformer":
-        mask[1:] = True
-    else:
-        mask[int(choice)] = True
-    return mask
-
-
-class ProbeHeads(torch.nn.Module):
-    """Parameters, with C split into Cw weighted choices and Cs single states, K learning rates each:
-        mix_logits [Cw, K, S], mix_w1 [Cw, K, D, 512], mix_b1 [Cw, K, 1, 512], mix_w2 [Cw, K, 512, N],
-        mix_b2 [Cw, K, 1, N]; one_w1 [Cs, D, K, 512], one_b1 [Cs, 1, K, 512], one_w2 [Cs, K, 512, N],
-        one_b2 [Cs, K, 1, N].
-    one_w1 keeps K next to the hidden units, so [D, K * 512] is a plain matrix. Every head starts from the same draw
-    (the one a single head gets from the same generator), as every cell of MARBLE's sweep is a run seeded alike."""
-    K_AXIS = dict(mix_logits=1, mix_w1=1, mix_b1=1, mix_w2=1, mix_b2=1, one_w1=2, one_b1=2, one_w2=1, one_b2=1)
-
-    def __init__(self, layer_choices, num_lrs, num_states, dim, num_classes, generator):
-        super().__init__()
-        self.choices, K = list(layer_choices), num_lrs
-        mix = [i for i, c in enumerate(self.choices) if c in ("all", "transformer")]
-        one = [i for i, c in enumerate(self.choices) if c not in ("all", "transformer")]
-        self.mix_idx, self.one_idx = torch.tensor(mix, dtype=torch.long), torch.tensor(one, dtype=torch.long)
-        self.register_buffer("allowed", torch.stack([layer_choice_mask(self.choices[i], num_states) for i in mix])
-                             if mix else torch.zeros(0, num_states, dtype=torch.bool))
-        self.register_buffer("states", torch.tensor([int(self.choices[i]) for i in one], dtype=torch.long))
-        self.register_buffer("order", torch.argsort(torch.tensor(mix + one, dtype=torch.long)))  # -> user order
-
-        def uniform(*shape, fan_in):  # nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            bound = 1 / math.sqrt(fan_in)
-            return torch.empty(*shape).uniform_(-bound, bound, generator=generator)
-
-        # MARBLE initialises the layer weights with randn (softmax over them); single-state heads have none
-        logits = torch.randn(num_states, generator=generator)
-        w1, b1 = uniform(dim, HIDDEN, fan_in=dim), uniform(HIDDEN, fan_in=dim)
-        w2, b2 = uniform(HIDDEN, num_classes, fan_in=HIDDEN), uniform(num_classes, fan_in=HIDDEN)
-        P = lambda t: torch.nn.Parameter(t.contiguous())
-        Cw, Cs = len(mix), len(one)
-        self.mix_logits = P(logits.expand(Cw, K, -1))
-        self.mix_w1, self.mix_b1 = P(w1.expand(Cw, K, -1, -1)), P(b1.expand(Cw, K, 1, -1))
-        self.mix_w2, self.mix_b2 = P(w2.expand(Cw, K, -1, -1)), P(b2.expand(Cw, K, 1, -1))
-        self.one_w1, self.one_b1 = P(w1[None, :, None].expand(Cs, -1, K, -1)), P(b1.expand(Cs, 1, K, -1))
-        self.one_w2, self.one_b2 = P(w2.expand(Cs, K, -1, -1)), P(b2.expand(Cs, K, 1, -1))
-
-    @property
-    def num_heads(self):
-        return len(self.choices) * self.mix_w2.shape[1]
-
-    def per_param(self, t):
-        """t: one value per head, C x K in user order -> {parameter name: t broadcastable against it}."""
-        out = {}
-        for name, p in self.named_parameters():
-            g = t[self.mix_idx.to(t.device)] if name.startswith("mix_") else t[self.one_idx.to(t.device)]
-            shape = [1] * p.dim()
-            shape[0], shape[self.K_AXIS[name]] = g.shape[0], g.shape[1]
-            out[name] = g.reshape(shape)
-        return out
-
-    def mix_weights(self):
-        """Cw x K x S: the softmax weights of the weighted heads over their allowed states."""
-        return self.mix_logits.masked_fill(~self.allowed[:, None], float("-inf")).softmax(-1)
-
-    def layer_weights(self):
-        """C x K x S: the softmax weights of weighted heads, one-hot for single-state heads."""
-        mixed = self.mix_weights()
-        K, S = self.mix_logits.shape[1:]
-        one = F.one_hot(self.states, S).to(mixed.dtype)[:, None].expand(-1, K, -1)
-        return torch.cat([mixed, one])[self.order]
-
-    def forward(self, x):  # x: B x S x D -> C x K x B x N (user order)
-        B = x.shape[0]
-        noise = None
-        if self.training:  # one dropout mask per step, shared by all heads (as cells seeded alike would draw)
-            noise = torch.empty(B, HIDDEN, device=x.device).bernoulli_(1 - DROPOUT).div_(1 - DROPOUT)
-        outs = []
-        if len(self.mix_idx):  # each weighted head mixes the states its own way, then its own MLP
-            Cw, K = self.mix_logits.shape[:2]
-            mixed = torch.einsum("hs,bsd->hbd", self.mix_weights().flatten(0, 1), x)
-            h = torch.relu(torch.baddbmm(self.mix_b1.flatten(0, 1), mixed, self.mix_w1.flatten(0, 1)))
-            if noise is not None:
-                h = h * noise
-            outs.append(torch.baddbmm(self.mix_b2.flatten(0, 1), h, self.mix_w2.flatten(0, 1)).view(Cw, K, B, -1))
-        if len(self.one_idx):  # the K heads of a state share its input: one GEMM per state, batched over states
-            Cs, D, K, Hd = self.one_w1.shape
-            xs = x.transpose(0, 1)[self.states]  # Cs x B x D; no gradient flows into the data
-            h = torch.relu(torch.baddbmm(self.one_b1.view(Cs, 1, K * Hd), xs, self.one_w1.view(Cs, D, K * Hd)))
-            h = h.view(Cs, B, K, Hd)
-            if noise is not None:
-                h = h * noise[:, None]
-            outs.append(torch.einsum("cbkh,ckhn->ckbn", h, self.one_w2) + self.one_b2)
-        return torch.cat(outs)[self.order] if len(outs) > 1 else outs[0]
-
-    def _where(self, c):
-        c = int(c)
-        if c in self.mix_idx.tolist():
-            return "mix", self.mix_idx.tolist().index(c)
-        return "one", self.one_idx.tolist().index(c)
-
-    def head_state(self, c, k):
-        """Head (choice c, lr k) as plain tensors: layer_weights [S], w1 [D, 512], b1, w2 [512, N], b2."""
-        group, i = self._where(c)
-        lw = self.layer_weights()[c, k]
-        if group == "mix":
-            t = dict(layer_logits=self.mix_logits[i, k], w1=self.mix_w1[i, k], b1=self.mix_b1[i, k, 0],
-                     w2=self.mix_w2[i, k], b2=self.mix_b2[i, k, 0])
-        else:
-            t = dict(w1=self.one_w1[i, :, k], b1=self.one_b1[i, 0, k], w2=self.one_w2[i, k], b2=self.one_b2[i, k, 0])
-        return {"layer_weights": lw.detach().cpu().clone(), **{n: v.detach().cpu().clone() for n, v in t.items()}}
-
-    @torch.no_grad()
-    def load_head_state(self, c, k, state):
-        group, i = self._where(c)
-        if group == "mix":
-            self.mix_logits[i, k] = state["layer_logits"]
-            self.mix_w1[i, k], self.mix_b1[i, k, 0] = state["w1"], state["b1"]
-            self.mix_w2[i, k], self.mix_b2[i, k, 0] = state["w2"], state["b2"]
-        else:
-            self.one_w1[i, :, k], self.one_b1[i, 0, k] = state["w1"], state["b1"]
-            self.one_w2[i, k], self.one_b2[i, k, 0] = state["w2"], state["b2"]
-
-
-class HeadAdam:
-    """torch.optim.Adam (weight decay 0) on the stacked heads, with one learning rate per head (lr: C x K), so that
-    every head of the grid keeps its own lr and its own ReduceLROnPlateau schedule. Same arithmetic as torch's
-    single-tensor Adam."""
-
-    def __init__(self, heads, lrs, betas=(0.9, 0.999), eps=1e-8):
-        self.heads, self.lr, self.betas, self.eps, self.t = heads, lrs.clone(), betas, eps, 0
-        self.params = dict(heads.named_parameters())
-        self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        # one scratch buffer for the update, reused by every parameter: the sweep's weights are 84 x 768 x 512, and
-        # a fresh temporary of that size costs more (new pages) than the arithmetic on it
-        scratch = torch.empty(max(p.numel() for p in self.params.values()), device=lrs.device)
-        self.scratch = {n: scratch[:p.numel()].view(p.shape) for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        # lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) computed as (m / (sqrt(v) + eps * sqrt(bc2))) * lr * sqrt(bc2)/bc1
-        steps = self.heads.per_param(self.lr * (math.sqrt(bc2) / bc1))
-        for n, p in self.params.items():
-            if p.grad is None or p.numel() == 0:
-                continue
-            m, v, u = self.m[n], self.v[n], self.scratch[n]
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            torch.sqrt(v, out=u).add_(self.eps * math.sqrt(bc2))
-            torch.div(m, u, out=u).mul_(steps[n])
-            p.sub_(u)
-
+# clip-level training (the heads, their optimiser and schedule: probe_heads.py)
 
 def clip_average(outputs, rows, num_clips):
     """H x R x C window outputs -> H x N x C clip outputs: the mean over each clip's windows (MARBLE's scatter_mean
@@ -415,11 +252,8 @@ def loss_fn(kind, logits, y):
 def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=print, batch_size=BATCH_SIZE):
     """Trains the grid layer_choices x lrs together. rows: a probe_features.Rows (or any rows -> float32 tensor);
     data: {split: SplitData}. Returns (results, heads): per head in grid order (lr-major, as MARBLE's sweep script
-    loops), the best validation score, its epoch, and valid/test metrics at the best weights.
-
-    Per head, as MARBLE's Lightning callbacks: ReduceLROnPlateau (mode max, factor 0.5, threshold 1e-4 relative),
-    EarlyStopping (stops after `patience` epochs without a strictly better score), ModelCheckpoint (keeps the
-    first best). A stopped head keeps its best weights and gets lr 0."""
+    loops), the best validation score, its epoch, and valid/test metrics at the best weights (HeadSchedule: MARBLE's
+    plateau, early stopping and checkpoint per head)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     train, valid = data["train"], data["valid"]
@@ -427,16 +261,7 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
     C, K = len(layer_choices), len(lrs)
     heads = ProbeHeads(layer_choices, K, num_states, dim, task.num_classes, gen).to(device)
     opt = HeadAdam(heads, torch.tensor(lrs, dtype=torch.float32, device=device).expand(C, K))
-    H = C * K  # bookkeeping below is per head, C x K flattened (choice-major)
-    monitor = task.metrics[0]
-    best = torch.full((H,), float("-inf"))
-    best_epoch = torch.zeros(H, dtype=torch.long)
-    params = dict(heads.named_parameters())
-    best_state = {k: v.detach().clone() for k, v in params.items()}
-    plateau_best = torch.full((H,), float("-inf"))
-    plateau_bad = torch.zeros(H, dtype=torch.long)
-    since_best = torch.zeros(H, dtype=torch.long)
-    active = torch.ones(H, dtype=torch.bool)
+    sched = HeadSchedule(heads, opt, task.patience, task.plateau_patience, task.metrics[0], log)
     for epoch in range(epochs):
         heads.train()
         order = torch.randperm(len(train), generator=gen).numpy()
@@ -450,66 +275,30 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
                 p.grad = None
             loss.backward()
             opt.step()
-        outputs = evaluate(heads, rows, valid)
-        scores = torch.as_tensor(monitored(task, outputs.numpy(), valid), dtype=torch.float32).reshape(H)
-        scores = torch.nan_to_num(scores, nan=float("-inf"))
-        improved = active & (scores > best)
-        with torch.no_grad():
-            for name, m in heads.per_param(improved.view(C, K).to(device)).items():
-                torch.where(m, params[name], best_state[name], out=best_state[name])
-        best = torch.where(improved, scores, best)
-        best_epoch[improved] = epoch
-        since_best = torch.where(improved, 0, since_best + 1)
-        # ReduceLROnPlateau(mode="max", threshold_mode="rel"): better means above best * (1 + 1e-4)
-        plateau_improved = scores > plateau_best * (1 + 1e-4)
-        plateau_best = torch.where(plateau_improved, scores, plateau_best)
-        plateau_bad = torch.where(plateau_improved, 0, plateau_bad + 1)
-        cut = plateau_bad > task.plateau_patience
-        plateau_bad[cut] = 0
-        active &= since_best < task.patience
-        lr = torch.where(cut.view(C, K).to(device), opt.lr * LR_FACTOR, opt.lr)
-        opt.lr = torch.where(active.view(C, K).to(device), lr, torch.zeros_like(lr))
-        if H == 1:
-            log(f"epoch {epoch + 1:3d}  valid {monitor} {scores[0]:.4f}  best {best[0]:.4f}  lr {opt.lr[0, 0]:.2e}")
-        elif epoch % 10 == 0 or not active.any():
-            log(f"epoch {epoch + 1:3d}  {int(active.sum())}/{H} heads training  best valid {monitor} "
-                f"{best.max():.4f}")
-        if not active.any():
+        if not sched.step(epoch, monitored(task, evaluate(heads, rows, valid).numpy(), valid)):
             break
-    with torch.no_grad():
-        for name, p in heads.named_parameters():
-            p.copy_(best_state[name])
+    sched.restore()
     valid_out, test_out = evaluate(heads, rows, valid), evaluate(heads, rows, data["test"])
-    weights = heads.layer_weights().detach().cpu()
-    results = []
-    for k in range(K):
-        for c in range(C):
-            h = c * K + k
-            valid_metrics = split_metrics(task, valid_out[h].numpy(), valid)
-            results.append(dict(
-                layers=layer_choices[c], lr=lrs[k], best_epoch=int(best_epoch[h]) + 1, best_valid=float(best[h]),
-                valid=valid_metrics, test=split_metrics(task, test_out[h].numpy(), data["test"], valid=valid_metrics),
-                layer_weights=[round(float(w), 4) for w in weights[c, k]], cell=(c, k)))
-    return results, heads
 
+    def metrics_of(h):
+        v = split_metrics(task, valid_out[h].numpy(), valid)
+        return v, split_metrics(task, test_out[h].numpy(), data["test"], valid=v)
 
-def validation_best(results):
-    """The reported cell: the best validation score (the first in grid order on ties), with the test score of its
-    best-validation weights (MARBLE paper, Appendix A)."""
-    return max(results, key=lambda r: r["best_valid"])  # max keeps the first of equal keys
+    return grid_results(layer_choices, lrs, heads, sched, metrics_of), heads
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # saved heads and prediction on new audio
 
-def save_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r):
-    """<folder>/<task>.pt: the chosen head with everything predict needs to apply it to new audio."""
+def save_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, state=None, **extra):
+    """<folder>/<task>.pt: the chosen head (r: validation_best) with everything predict needs to apply it to new
+    audio. state: the head's tensors if not heads.head_state of r's cell (the beat path's, over all states)."""
     os.makedirs(folder, exist_ok=True)
-    c, k = r["cell"]
     blob = dict(format=HEAD_FORMAT, task=task_name, kind=task.kind, item=task.item, labels=list(listing.labels),
                 target_mean=listing.target_mean, target_std=listing.target_std, extraction=asdict(ext),
                 model=spec, model_tag=tag, encoder_config=asdict(encoder.cfg), seed=seed,
-                layers=r["layers"], lr=r["lr"], head=heads.head_state(c, k), valid=r["valid"], test=r["test"])
+                layers=r["layers"], lr=r["lr"], head=state or heads.head_state(*r["cell"]), valid=r["valid"],
+                test=r["test"], **extra)
     path = os.path.join(folder, f"{task_name}.pt")
     tmp = path + f".tmp{os.getpid()}"
     torch.save(blob, tmp)
@@ -622,7 +411,7 @@ def select_clips(clips, max_clips):
     if not max_clips:
         return clips
     out = []
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         part = [c for c in clips if c.split == split]
         if len(part) > max_clips:
             part = [part[i] for i in sorted(set(np.linspace(0, len(part) - 1, max_clips).round().astype(int)))]
@@ -637,11 +426,11 @@ def load_task(task_name, data_root, max_clips):
     clips = select_clips(listing.clips, max_clips)
     missing = [c.path for c in clips if not os.path.isfile(c.path)]
     if missing:
-        source = downstream.SOURCES.get(task.features)
+        source = (beats.SOURCES if task.kind == "beat" else downstream.SOURCES).get(task.features)
         raise downstream.DataSetError(
             f"{missing[0]}: audio file not found ({len(missing)} of {len(clips)} clips missing); is --data-root the "
             f"folder the data set was unpacked into?" + (f" It is published at {source}" if source else ""))
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         if not any(c.split == split for c in clips):
             raise downstream.DataSetError(f"no {split} clips found under {data_root}")
     if len(listing.labels) != task.num_classes:  # MTG's tag lists come from the split files
@@ -649,11 +438,14 @@ def load_task(task_name, data_root, max_clips):
     return task, dataclasses.replace(listing, clips=clips)
 
 
-def task_data(task_name, data_root, max_clips):
+def task_data(task_name, data_root, max_clips, log=print):
     try:
-        return load_task(task_name, data_root, max_clips)
+        task, listing = load_task(task_name, data_root, max_clips)
     except downstream.DataSetError as e:
         sys.exit(f"{task_name}: {e}")
+    for note in getattr(listing, "notes", []):  # what a reader left out, and why (the .beats folders)
+        log(f"{task_name}: {note}")
+    return task, listing
 
 
 def task_root(task_name, root):
@@ -691,68 +483,93 @@ def task_extraction(task, args):
     return ext
 
 
-def run(task_name, model_spec, encoder, tag, args, log=print):
-    if TASKS[task_name].kind == "beat":  # frame features, beat decoding: probe_frames.py
-        return probe_frames.run(task_name, TASKS[task_name], model_spec, encoder, tag, args, log)
-    task, listing = task_data(task_name, args.data_root, args.max_clips)
-    clips = listing.clips
-    ext = task_extraction(task, args)
-    key = cache_key(tag, ext)
-    path = store_path(args.cache_dir, task.features or task_name, key)
+def head_grid(task, args, num_states):
+    """(layer choices, lrs) of the heads to train: with --sweep MARBLE's grid, its 6 lrs x {the weighted cell, each
+    state} (the weighted cell follows --layers: the paper's 13 states or MARBLE's code's 12 layers), else one head."""
+    if args.sweep:
+        return [args.layers] + list(range(num_states)), list(SWEEP_LRS)
+    choice = args.layers if args.layers in ("all", "transformer") else int(args.layers)
+    if isinstance(choice, int) and not 0 <= choice < num_states:
+        sys.exit(f"--layers {choice}: the model has hidden states 0..{num_states - 1}")
+    return [choice], [args.lr or task.lr]
+
+
+def extract_or_exit(task_name, extract_fn, ext, clips, encoder, path, key, args, log):
+    """Runs probe_features.extract or probe_frames.extract_frames into the store at `path`; returns (the store,
+    {clip key: reason} of the clips left out, seconds). A store that is not what it should be ends the run."""
     t0 = time.time()
     try:
-        failed = extract(ext, clips, encoder, path, key, args.device, args.batch_seconds)
+        failed = extract_fn(ext, clips, encoder, path, key, args.device, args.batch_seconds, log)
         store = FeatureStore(path, key)
     except StoreError as e:
         sys.exit(f"{task_name}: {e}")
-    extract_s = time.time() - t0
+    return store, failed, time.time() - t0
+
+
+def usable_splits(task_name, clips, failed, log, what="clips"):
+    """{split: its clips} less those extraction left out (each named in the log); a split with none left ends it."""
     if failed:
-        log(f"{task_name}: {len(failed)} of {len(clips)} clips could not be used and are left out:")
+        log(f"{task_name}: {len(failed)} of {len(clips)} {what} could not be used and are left out:")
         for reason in failed.values():
             log(f"  {reason}")
-    data, n_clips = {}, {}
-    for split in ("train", "valid", "test"):
-        part = [c for c in clips if c.split == split and c.key not in failed]
+    splits = {s: [c for c in clips if c.split == s and c.key not in failed] for s in SPLITS}
+    for split, part in splits.items():
         if not part:
-            sys.exit(f"{task_name}: every {split} clip failed (see above)")
-        data[split], n_clips[split] = split_data(store, part, task), len(part)
-    rows = Rows(store, args.device, FEATURES_ON_DEVICE_BYTES)
-    num_states = store.row_shape[0]
-    weighted = args.layers if args.layers in ("all", "transformer") else None
-    if args.sweep:  # the weighted cell follows --layers: the paper's 13 states, or MARBLE's code's 12 layers
-        choices, lrs = [weighted or "all"] + list(range(num_states)), list(SWEEP_LRS)
-    else:
-        choice = weighted or int(args.layers)
-        if isinstance(choice, int) and not 0 <= choice < num_states:
-            sys.exit(f"--layers {choice}: the model has hidden states 0..{num_states - 1}")
-        choices, lrs = [choice], [args.lr or task.lr]
-    epochs = args.epochs or task.epochs
-    t0 = time.time()
-    results, heads = train_heads(task, rows, data, choices, lrs, epochs, args.seed, args.device, log,
-                                 args.batch_size)
-    train_s = time.time() - t0
+            sys.exit(f"{task_name}: every {split} {what[:-1]} failed (see above)")
+    return splits
+
+
+def result_record(task_name, task, spec, tag, args, results, splits, ext, failed, seconds, **counts):
+    """The JSON line of one (task, model, seed) run: the test metrics of the validation-best cell, how it was chosen,
+    what went in (counts: windows / frames per split ...), the Table-1 columns, and with --sweep the whole grid."""
     r = validation_best(results)
-    record = dict(task=task_name, model=model_spec, model_tag=tag, metrics=r["test"], valid=r["valid"],
-                  layers=r["layers"], lr=r["lr"], best_epoch=r["best_epoch"], layer_weights=r["layer_weights"],
-                  sweep=bool(args.sweep), heads=len(results), seed=args.seed, clips=n_clips,
-                  windows={s: int(d.counts.sum()) for s, d in data.items()},
-                  items={s: len(d) for s, d in data.items()}, item=task.item, extraction=asdict(ext),
-                  skipped=sorted(failed.values()), seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)),
-                  table=list(task.table or task.metrics))
+    record = dict(task=task_name, model=spec, model_tag=tag, metrics=r["test"], valid=r["valid"], layers=r["layers"],
+                  lr=r["lr"], best_epoch=r["best_epoch"], layer_weights=r["layer_weights"], sweep=bool(args.sweep),
+                  heads=len(results), seed=args.seed, clips={s: len(part) for s, part in splits.items()}, **counts,
+                  item=task.item, extraction=asdict(ext), skipped=sorted(failed.values()),
+                  seconds={k: round(v, 2) for k, v in seconds.items()}, table=list(task.table or task.metrics))
     if args.sweep:
         record["grid"] = [dict(layers=x["layers"], lr=x["lr"], valid=x["best_valid"], test=x["test"])
                           for x in results]
-    if args.save_heads:
-        record["head_file"] = save_head(args.save_heads, task_name, task, listing, ext, model_spec, tag, encoder,
-                                        args.seed, heads, r)
+    return record
+
+
+def write_result(record, results, task, args, log):
+    """Appends the record to --results and prints the run's line."""
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "a") as f:
         f.write(json.dumps(record) + "\n")
+    r, sec = validation_best(results), record["seconds"]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in r["test"].items())
-    log(f"{task_name}  {model_spec}  test {shown}  (valid {task.metrics[0]} {r['best_valid']:.4f}, layers "
-        f"{r['layers']}, lr {r['lr']:g}, epoch {r['best_epoch']}; extract {extract_s:.1f}s, train {train_s:.1f}s "
-        f"for {len(results)} head{'s' if len(results) > 1 else ''})")
+    log(f"{record['task']}  {record['model']}  test {shown}  (valid {task.metrics[0]} {r['best_valid']:.4f}, layers "
+        f"{r['layers']}, lr {r['lr']:g}, epoch {r['best_epoch']}; extract {sec['extract']:.1f}s, train "
+        f"{sec['train']:.1f}s for {len(results)} head{'s' if len(results) > 1 else ''})")
     return record
+
+
+def run(task_name, model_spec, encoder, tag, args, log=print):
+    task, listing = task_data(task_name, args.data_root, args.max_clips, log)
+    if task.kind == "beat":  # frame features, beat decoding: probe_frames.py
+        return probe_frames.run(task_name, task, listing, model_spec, encoder, tag, args, log)
+    ext = task_extraction(task, args)
+    key = cache_key(tag, ext)
+    path = store_path(args.cache_dir, task.features or task_name, key)
+    store, failed, extract_s = extract_or_exit(task_name, extract, ext, listing.clips, encoder, path, key, args, log)
+    splits = usable_splits(task_name, listing.clips, failed, log)
+    data = {split: split_data(store, part, task) for split, part in splits.items()}
+    rows = Rows(store, args.device, FEATURES_ON_DEVICE_BYTES)
+    choices, lrs = head_grid(task, args, store.row_shape[0])
+    t0 = time.time()
+    results, heads = train_heads(task, rows, data, choices, lrs, args.epochs or task.epochs, args.seed, args.device,
+                                 log, args.batch_size)
+    record = result_record(task_name, task, model_spec, tag, args, results, splits, ext, failed,
+                           dict(extract=extract_s, train=time.time() - t0),
+                           windows={s: int(d.counts.sum()) for s, d in data.items()},
+                           items={s: len(d) for s, d in data.items()})
+    if args.save_heads:
+        record["head_file"] = save_head(args.save_heads, task_name, task, listing, ext, model_spec, tag, encoder,
+                                        args.seed, heads, validation_best(results))
+    return write_result(record, results, task, args, log)
 
 
 def parse_args(argv):

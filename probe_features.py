@@ -110,8 +110,9 @@ def read_16k(path, frames=None, block_seconds=BLOCK_SECONDS):
     samples, but resampled block by block into one preallocated array, each block from a source segment aligned as
     load_audio aligns a crop (with the FIR's reach either side). A 10-minute 44.1 kHz track then peaks at its
     decoded source (106 MB mono) plus the 38 MB result, instead of ~250 MB with a float64 resample of the whole.
-    The file is decoded in one read: libsndfile's mp3 decoder returns a frame of zeros after a read that ends
-    mid-stream on some files (seen on LAME files of a pure tone), so reading in pieces is not safe."""
+    The file is decoded in one read, from its start: python-soundfile seeks after every read, and after a seek
+    libsndfile's mp3 decoder returns silence for frames whose data lies in the emptied bit reservoir (data/audio.py),
+    so reading an mp3 in pieces is not safe."""
     try:
         f = sf.SoundFile(str(path))
     except Exception as e:
@@ -196,16 +197,23 @@ def clip_windows(path, ext):
 
 
 @torch.no_grad()
+def encode(encoder, inputs, device):
+    """1-D float32 arrays -> (the encoder's output on them as one zero-padded batch, their lengths); lengths go to the
+    encoder only when they differ. normalize=False: the probe has normalised the audio already (once per clip, as
+    MARBLE), so an encoder whose config normalises its input (data2vec) must not renormalise each window."""
+    lengths = torch.tensor([len(x) for x in inputs])
+    wav = torch.zeros(len(inputs), int(lengths.max()))
+    for i, x in enumerate(inputs):
+        wav[i, :len(x)] = torch.from_numpy(x)
+    equal = bool((lengths == lengths[0]).all())
+    return encoder(wav.to(device), lengths=None if equal else lengths.to(device), normalize=False), lengths
+
+
+@torch.no_grad()
 def pooled_hidden_states(encoder, windows, device):
     """Windows (list of 1-D float32 arrays) -> [windows, layers+1, dim] float32: every hidden state mean-pooled over
-    the window's valid frames. normalize=False: the probe has normalised the audio already (once per clip, as MARBLE),
-    so an encoder whose config normalises its input (data2vec) must not renormalise each window."""
-    lengths = torch.tensor([len(w) for w in windows])
-    wav = torch.zeros(len(windows), int(lengths.max()))
-    for i, w in enumerate(windows):
-        wav[i, :len(w)] = torch.from_numpy(w)
-    equal = bool((lengths == lengths[0]).all())
-    out = encoder(wav.to(device), lengths=None if equal else lengths.to(device), normalize=False)
+    the window's valid frames."""
+    out, _ = encode(encoder, windows, device)
     h = torch.stack(out.hidden_states, 1)  # B x S x T x D
     if out.padding_mask is None:
         return h.mean(2).float().cpu()
@@ -404,7 +412,7 @@ def _read_windows(clip, ext):
         return None, str(e)
 
 
-def _prefetch(fn, items, workers):
+def prefetch(fn, items, workers):
     """fn over items in order on a thread pool, at most 4 * workers ahead (audio decoding overlaps the encoder)."""
     with ThreadPoolExecutor(workers) as pool:
         pending = deque()
@@ -461,7 +469,7 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
             batch.clear()
 
         bar = tqdm(total=len(todo), desc=f"extract -> {path}", unit="clip")
-        for clip, (windows, error) in _prefetch(lambda c: _read_windows(c, ext), todo, AUDIO_WORKERS):
+        for clip, (windows, error) in prefetch(lambda c: _read_windows(c, ext), todo, AUDIO_WORKERS):
             if error is None and not windows:
                 error = f"{clip.path}: too short for one window ({describe_windows(ext)})"
             if error is not None:

@@ -3,9 +3,10 @@
     python probe.py --task gtzan_beat --model out/ckpt.pt --data-root ~/data/gtzan
     python probe.py --task beat --model out/ckpt.pt --data-root ~/data/ballroom --sweep
 
-It sits beside the clip-level path (probe.py, probe_features.py) and borrows its heads, optimiser and feature store,
-but its rows are 20 ms frames instead of pooled windows, a training item is a random 10 s crop of a track, and a
-track is scored by decoding its whole activation with madmom's DBN.
+It sits beside the clip-level path (probe.py, probe_features.py) and shares its heads, optimiser and schedule
+(probe_heads.py), feature store, and the steps of a run (probe.py: task grid, extraction, results line), but its rows
+are 20 ms frames instead of pooled windows, a training item is a random 10 s crop of a track, and a track is scored
+by decoding its whole activation with madmom's DBN.
 
 1. Frames (extract_frames). A track is read at 16 kHz, z-normalised once (as every probe clip), and run through the
    frozen encoder in windows of 30 s, each padded by half the conv front end's receptive field on both sides (real
@@ -15,9 +16,9 @@ track is scored by decoding its whole activation with madmom's DBN.
    line last, so an interrupted extraction resumes at the first unfinished track and memory holds one window.
    Disk: 2 bytes x states x dim x 50 per second; GTZAN (929 tracks, 13 x 768) is 27.9 GB, one state (--layers K)
    2.1 GB; the run says what it needs and stops before extracting if the disk has less.
-2. Train. The probe head of probe.py applied to every frame, with ONE output and BCE-with-logits (see beat_loss), on
-   batches of 64 tracks, each a random 10 s crop (500 frames) drawn anew every epoch; frames within one of a beat
-   are positive in training (MARBLE's +-1); Adam, ReduceLROnPlateau and early stopping per head, as probe.py.
+2. Train. The probe head (probe_heads.py) applied to every frame, with ONE output and BCE-with-logits (beat_loss),
+   on batches of 64 tracks, each a random 10 s crop (500 frames) drawn anew every epoch; frames within one of a beat
+   are positive in training (MARBLE's +-1); Adam, ReduceLROnPlateau and early stopping per head (HeadSchedule).
    --sweep trains the lr x layer grid together on the same crops, reading the one store: the encoder runs once.
 3. Score. Valid and test tracks are whole: sigmoid(logits) of every frame -> DBNBeatTrackingProcessor(fps=50),
    madmom's defaults otherwise -> beat times, matched to the annotated beats (not the frame-quantised ones) by
@@ -33,10 +34,9 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import mir_eval
@@ -45,11 +45,10 @@ import torch
 import torch.nn.functional as F
 from madmom.features.beats import DBNBeatTrackingProcessor
 
-from data import beats as beat_data
-from data.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
-from data.downstream import DataSetError
-from probe_features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, _prefetch, cache_key, rows_of,
-                            store_path, znorm)
+from data.audio import SAMPLE_RATE, AudioError, audio_info
+from probe_features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, cache_key, encode, prefetch,
+                            read_16k, rows_of, store_path, znorm_)
+from probe_heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results
 
 BEAT_METRICS = ("f_70ms", "f_20ms", "track_f_70ms", "track_f_20ms")  # the first is the headline and the monitor
 BEAT_TABLE = ("f_70ms", "track_f_70ms")  # the Table-1 columns (probe_report.py): the headline and the standard
@@ -81,7 +80,8 @@ FRAMES = FrameExtraction()
 
 
 def _probe():
-    """probe.py, for its heads and optimiser; imported when needed because probe.py imports this module."""
+    """probe.py, for the steps of a run it shares with the clip-level path (task grid, extraction, results lines);
+    imported when needed because probe.py imports this module."""
     import probe
     return probe
 
@@ -125,20 +125,16 @@ def num_frames(num_samples, stride):
 
 
 def read_track(path, ext):
-    wav = load_audio(path, frames=None if ext.crop is None else int(round(ext.crop * SAMPLE_RATE)))
-    return znorm(wav)
+    """The track at 16 kHz (its first `crop` seconds), z-normalised once, as probe_features.clip_windows reads a
+    clip: block-wise resampling and in-place normalisation, so a 10-minute track is held about once."""
+    return znorm_(read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * SAMPLE_RATE))))
 
 
 @torch.no_grad()
 def frame_hidden_states(encoder, inputs, keeps, states, device):
     """Encoder inputs (1-D float32 arrays) -> per input a float32 array [keep, len(states), dim] of the chosen hidden
-    states at each kept frame. normalize=False: the track was normalised once already."""
-    lengths = torch.tensor([len(x) for x in inputs])
-    wav = torch.zeros(len(inputs), int(lengths.max()))
-    for i, x in enumerate(inputs):
-        wav[i, :len(x)] = torch.from_numpy(x)
-    equal = bool((lengths == lengths[0]).all())
-    out = encoder(wav.to(device), lengths=None if equal else lengths.to(device), normalize=False)
+    states at each kept frame (the track was normalised once already: probe_features.encode)."""
+    out, lengths = encode(encoder, inputs, device)
     h = torch.stack([out.hidden_states[s] for s in states], 2)  # B x T x S' x D
     frames = encoder.num_frames(lengths)
     assert bool((frames >= torch.tensor(keeps)).all()), (frames, keeps)
@@ -213,7 +209,7 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
                 return None, str(e)
 
         t0, done = time.time(), 0
-        for clip, (wav, error) in _prefetch(read, todo, AUDIO_WORKERS):
+        for clip, (wav, error) in prefetch(read, todo, AUDIO_WORKERS):
             if error is not None:
                 failed[clip.key] = error
                 continue
@@ -424,55 +420,21 @@ def score_heads(heads, rows, split, fps, decoder, cap, which=None, full=True):
 # ------------------------------------------------------------------------------------------------------------------
 # training
 
-class HeadSchedule:
-    """Per head, MARBLE's Lightning callbacks as probe.train_heads keeps them: ReduceLROnPlateau (mode max, factor
-    0.5, threshold 1e-4 relative), EarlyStopping (stops after `patience` epochs without a strictly better score),
-    ModelCheckpoint (keeps the first best)."""
-
-    def __init__(self, H, patience, plateau_patience):
-        self.patience, self.plateau_patience = patience, plateau_patience
-        self.best = torch.full((H,), float("-inf"))
-        self.best_epoch = torch.zeros(H, dtype=torch.long)
-        self.plateau_best = torch.full((H,), float("-inf"))
-        self.plateau_bad = torch.zeros(H, dtype=torch.long)
-        self.since_best = torch.zeros(H, dtype=torch.long)
-        self.active = torch.ones(H, dtype=torch.bool)
-
-    def step(self, epoch, scores):
-        """scores [H] of this epoch -> (improved, cut the lr) masks; updates `active`."""
-        scores = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float32), nan=float("-inf"))
-        improved = self.active & (scores > self.best)
-        self.best = torch.where(improved, scores, self.best)
-        self.best_epoch[improved] = epoch
-        self.since_best = torch.where(improved, 0, self.since_best + 1)
-        plateau_improved = scores > self.plateau_best * (1 + 1e-4)
-        self.plateau_best = torch.where(plateau_improved, scores, self.plateau_best)
-        self.plateau_bad = torch.where(plateau_improved, 0, self.plateau_bad + 1)
-        cut = self.plateau_bad > self.plateau_patience
-        self.plateau_bad[cut] = 0
-        self.active &= self.since_best < self.patience
-        return improved, cut
-
-
 def train_beat_heads(task, rows, data, labels, layer_choices, lrs, epochs, seed, device, fps, decoder,
                      log=print, batch_size=64):
     """Trains the grid layer_choices x lrs together on frames (choices index the stored states). Returns (results,
-    heads) as probe.train_heads: per head in grid order (lr-major), the best validation f_70ms, its epoch, and the
-    four figures on valid and test at the best weights."""
-    P = _probe()
+    heads) as probe.train_heads, with the same per-head schedule (probe_heads.HeadSchedule): per head in grid order
+    (lr-major), the best validation f_70ms, its epoch, and the four figures on valid and test at the best weights."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     train, valid = data["train"], data["valid"]
     num_states, dim = rows(rows_of(train.starts[:1], np.ones(1, np.int64))).shape[1:]
     C, K = len(layer_choices), len(lrs)
-    heads = P.ProbeHeads(layer_choices, K, num_states, dim, 1, gen).to(device)
-    opt = P.HeadAdam(heads, torch.tensor(lrs, dtype=torch.float32, device=device).expand(C, K))
-    H = C * K
-    sched = HeadSchedule(H, task.patience, task.plateau_patience)
-    params = dict(heads.named_parameters())
-    best_state = {k: v.detach().clone() for k, v in params.items()}
+    heads = ProbeHeads(layer_choices, K, num_states, dim, 1, gen).to(device)
+    opt = HeadAdam(heads, torch.tensor(lrs, dtype=torch.float32, device=device).expand(C, K))
+    sched = HeadSchedule(heads, opt, task.patience, task.plateau_patience, task.metrics[0], log)
     crop = int(round(CROP_SECONDS * fps))
-    cap = rows_per_pass(H, num_states * dim, P.HIDDEN)
+    cap = rows_per_pass(C * K, num_states * dim, HIDDEN)
     for epoch in range(epochs):
         heads.train()
         order = torch.randperm(len(train), generator=gen).numpy()
@@ -485,36 +447,14 @@ def train_beat_heads(task, rows, data, labels, layer_choices, lrs, epochs, seed,
             for a in range(0, len(r), cap):  # gradients of the batch accumulate over passes of <= cap frames
                 beat_loss(head_logits(heads, rows(r[a:a + cap])), y[a:a + cap], len(r)).backward()
             opt.step()
-        scores = score_heads(heads, rows, valid, fps, decoder, cap, which=sched.active.numpy(), full=False)["f_70ms"]
-        improved, cut = sched.step(epoch, scores)
-        with torch.no_grad():
-            for name, m in heads.per_param(improved.view(C, K).to(device)).items():
-                torch.where(m, params[name], best_state[name], out=best_state[name])
-        lr = torch.where(cut.view(C, K).to(device), opt.lr * P.LR_FACTOR, opt.lr)
-        opt.lr = torch.where(sched.active.view(C, K).to(device), lr, torch.zeros_like(lr))
-        if H == 1:
-            log(f"epoch {epoch + 1:3d}  valid f_70ms {scores[0]:.4f}  best {sched.best[0]:.4f}  lr {opt.lr[0, 0]:.2e}")
-        elif epoch % 10 == 0 or not sched.active.any():
-            log(f"epoch {epoch + 1:3d}  {int(sched.active.sum())}/{H} heads training  best valid f_70ms "
-                f"{sched.best.max():.4f}")
-        if not sched.active.any():
+        scores = score_heads(heads, rows, valid, fps, decoder, cap, which=sched.active.numpy(), full=False)
+        if not sched.step(epoch, scores[BEAT_METRICS[0]]):
             break
-    with torch.no_grad():
-        for name, p in heads.named_parameters():
-            p.copy_(best_state[name])
+    sched.restore()
     valid_out = score_heads(heads, rows, valid, fps, decoder, cap)
     test_out = score_heads(heads, rows, data["test"], fps, decoder, cap)
-    weights = heads.layer_weights().detach().cpu()
-    results = []
-    for k in range(K):
-        for c in range(C):
-            h = c * K + k
-            results.append(dict(
-                layers=layer_choices[c], lr=lrs[k], best_epoch=int(sched.best_epoch[h]) + 1,
-                best_valid=float(sched.best[h]), valid={m: float(valid_out[m][h]) for m in BEAT_METRICS},
-                test={m: float(test_out[m][h]) for m in BEAT_METRICS},
-                layer_weights=[round(float(w), 4) for w in weights[c, k]], cell=(c, k)))
-    return results, heads
+    metrics_of = lambda h: tuple({m: float(out[m][h]) for m in BEAT_METRICS} for out in (valid_out, test_out))
+    return grid_results(layer_choices, lrs, heads, sched, metrics_of), heads
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -527,62 +467,22 @@ def folder_store_name(root):
     return f"beat-{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def beat_task_data(task_name, task, data_root, max_clips, log):
+def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
+    """probe.run for a beat task, from its listing on: frames instead of windows, crops and beat decoding."""
     P = _probe()
-    try:
-        listing = task.reader(data_root)
-    except DataSetError as e:
-        sys.exit(f"{task_name}: {e}")
-    for note in getattr(listing, "notes", []):
-        log(f"{task_name}: {note}")
-    clips = P.select_clips(listing.clips, max_clips)
-    missing = [c.path for c in clips if not os.path.isfile(c.path)]
-    if missing:
-        sys.exit(f"{task_name}: {missing[0]}: audio file not found ({len(missing)} of {len(clips)} tracks missing); "
-                 f"is --data-root the folder the data set was unpacked into? It is published at "
-                 f"{beat_data.SOURCES[task.features]}")
-    for split in ("train", "valid", "test"):
-        if not any(c.split == split for c in clips):
-            sys.exit(f"{task_name}: no {split} tracks found under {data_root}")
-    return dataclasses.replace(listing, clips=clips)
-
-
-def run(task_name, task, model_spec, encoder, tag, args, log=print):
-    P = _probe()
-    listing = beat_task_data(task_name, task, args.data_root, args.max_clips, log)
-    clips = listing.clips
     num_states = encoder.cfg.layers + 1
-    weighted = args.layers if args.layers in ("all", "transformer") else None
-    if args.sweep:  # every state: the store keeps them all
-        choices, lrs, states = [weighted or "all"] + list(range(num_states)), list(P.SWEEP_LRS), None
-    else:
-        choice = weighted or int(args.layers)
-        if isinstance(choice, int) and not 0 <= choice < num_states:
-            sys.exit(f"--layers {choice}: the model has hidden states 0..{num_states - 1}")
-        choices, lrs, states = [choice], [args.lr or task.lr], None if weighted else (choice,)
-    ext = dataclasses.replace(P.task_extraction(task, args), states=states)
+    choices, lrs = P.head_grid(task, args, num_states)
+    one = choices[0] if len(choices) == 1 and isinstance(choices[0], int) else None  # --layers K: store state K only
+    ext = dataclasses.replace(P.task_extraction(task, args), states=None if one is None else (one,))
     key = json.loads(json.dumps(cache_key(tag, ext)))  # as meta.json holds it (states: a list)
     features = folder_store_name(args.data_root) if task.features == "beat" else task.features
     path = store_path(args.cache_dir, features, key)
-    t0 = time.time()
-    try:
-        failed = extract_frames(ext, clips, encoder, path, key, args.device, args.batch_seconds, log)
-        store = FeatureStore(path, key)
-    except StoreError as e:
-        sys.exit(f"{task_name}: {e}")
-    extract_s = time.time() - t0
-    if failed:
-        log(f"{task_name}: {len(failed)} of {len(clips)} tracks could not be used and are left out:")
-        for reason in failed.values():
-            log(f"  {reason}")
+    store, failed, extract_s = P.extract_or_exit(task_name, extract_frames, ext, listing.clips, encoder, path, key,
+                                                 args, log)
+    splits = P.usable_splits(task_name, listing.clips, failed, log, what="tracks")
     _, stride = receptive_field(encoder.cfg.conv_layers)
     fps = SAMPLE_RATE / stride
-    data, n_clips = {}, {}
-    for split in ("train", "valid", "test"):
-        part = [c for c in clips if c.split == split and c.key not in failed]
-        if not part:
-            sys.exit(f"{task_name}: every {split} track failed (see above)")
-        data[split], n_clips[split] = beat_split(store, part, fps), len(part)
+    data = {split: beat_split(store, part, fps) for split, part in splits.items()}
     labels = train_labels(store.rows, data["train"], fps)
     stored = stored_states(ext, encoder)
     head_choices = [c if isinstance(c, str) else stored.index(c) for c in choices]
@@ -600,53 +500,29 @@ def run(task_name, task, model_spec, encoder, tag, args, log=print):
         full = np.zeros(num_states)
         full[stored] = x["layer_weights"]
         x["layer_weights"] = [round(float(w), 4) for w in full]
-    r = P.validation_best(results)
-    record = dict(task=task_name, model=model_spec, model_tag=tag, metrics=r["test"], valid=r["valid"],
-                  layers=r["layers"], lr=r["lr"], best_epoch=r["best_epoch"], layer_weights=r["layer_weights"],
-                  sweep=bool(args.sweep), heads=len(results), seed=args.seed, clips=n_clips,
-                  frames={s: int(d.counts.sum()) for s, d in data.items()},
-                  beats={s: int(sum(len(b) for b in d.beats)) for s, d in data.items()},
-                  items={s: len(d) for s, d in data.items()}, item="track", extraction=asdict(ext),
-                  headline=BEAT_METRICS[0], fps=fps, skipped=sorted(failed.values()),
-                  seconds=dict(extract=round(extract_s, 2), train=round(train_s, 2)), table=list(BEAT_TABLE))
-    if args.sweep:
-        record["grid"] = [dict(layers=x["layers"], lr=x["lr"], valid=x["best_valid"], test=x["test"])
-                          for x in results]
+    record = P.result_record(task_name, task, model_spec, tag, args, results, splits, ext, failed,
+                             dict(extract=extract_s, train=train_s),
+                             frames={s: int(d.counts.sum()) for s, d in data.items()},
+                             beats={s: int(sum(len(b) for b in d.beats)) for s, d in data.items()},
+                             items={s: len(d) for s, d in data.items()}, headline=task.metrics[0], fps=fps)
     if args.save_heads:
-        record["head_file"] = save_beat_head(args.save_heads, task_name, task, ext, model_spec, tag, encoder,
-                                             args.seed, heads, r, stored, fps)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in r["test"].items())
-    log(f"{task_name}  {model_spec}  test {shown}  (valid f_70ms {r['best_valid']:.4f}, layers {r['layers']}, lr "
-        f"{r['lr']:g}, epoch {r['best_epoch']}; extract {extract_s:.1f}s, train {train_s:.1f}s for {len(results)} "
-        f"head{'s' if len(results) > 1 else ''})")
-    return record
+        record["head_file"] = save_beat_head(args.save_heads, task_name, task, listing, ext, model_spec, tag, encoder,
+                                             args.seed, heads, P.validation_best(results), stored, fps)
+    return P.write_result(record, results, task, args, log)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # saved beat heads and prediction
 
-def save_beat_head(folder, task_name, task, ext, spec, tag, encoder, seed, heads, r, stored, fps):
-    """<folder>/<task>.pt in probe.py's saved-head format (kind "beat"), its layer weights over all the model's
-    states, so that `probe.py predict` can apply it to the encoder's full hidden states."""
-    P = _probe()
-    c, k = r["cell"]
-    state = heads.head_state(c, k)
+def save_beat_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, stored, fps):
+    """probe.save_head with the head's layer weights spread over all the model's states (zero for those not
+    stored), so that `probe.py predict` can apply it to the encoder's full hidden states."""
+    state = heads.head_state(*r["cell"])
     full = torch.zeros(encoder.cfg.layers + 1)
     full[stored] = state["layer_weights"]
     state["layer_weights"] = full
-    blob = dict(format=P.HEAD_FORMAT, task=task_name, kind="beat", item="track", labels=["beat"], target_mean=None,
-                target_std=None, extraction=asdict(ext), model=spec, model_tag=tag,
-                encoder_config=asdict(encoder.cfg), seed=seed, layers=r["layers"], lr=r["lr"], head=state,
-                valid=r["valid"], test=r["test"], fps=fps)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{task_name}.pt")
-    tmp = path + f".tmp{os.getpid()}"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return _probe().save_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, state=state,
+                              fps=fps)
 
 
 @torch.no_grad()

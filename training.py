@@ -375,15 +375,28 @@ def audio_error_exit(error, out_dir):
 class StopSignal:
     """Sets `.requested` on SIGTERM (what Slurm & co send before preemption) so the loop can save and exit cleanly
     at the next step boundary instead of dying mid-write. `should_stop(info)` agrees across ranks: a signal on any
-    rank stops all of them at the same step (otherwise the others would hang in the next all-reduce)."""
+    rank stops all of them at the same step (otherwise the others would hang in the next all-reduce).
+
+    `restore()` (called in the scripts' `finally`) puts the previous handlers back. A process forked while the
+    handler is installed (a DataLoader or multiprocessing.Pool worker) inherits it; there it acts as the default
+    action, so `Pool.terminate()` and the launcher can still stop workers (catching it there hung a Pool forever)."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.requested = False
-        for s in signals:
-            signal.signal(s, self._handler)
+        self._pid = os.getpid()
+        self._previous = {s: signal.signal(s, self._handler) for s in signals}
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked worker: behave as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def should_stop(self, info=None):
         if info is None or not info.ddp:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import probe  # noqa: E402
+import probe_heads  # noqa: E402
 import probe_features as pf  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def splits(store, n_train, n_eval, classes, seed=0):
 def head_flops(rows, states, dim, classes, weighted, single):
     """Multiply-adds x 2 of one training pass over `rows` rows: forward, weight gradients, and the gradient into the
     mixed input for weighted heads (single-state heads need none: their input is data)."""
-    first, second = rows * dim * probe.HIDDEN, rows * probe.HIDDEN * classes
+    first, second = rows * dim * probe_heads.HIDDEN, rows * probe_heads.HIDDEN * classes
     mix = rows * states * dim
     return 2 * (weighted * (3 * first + 3 * second + 2 * mix) + single * (2 * first + 3 * second))
 

@@ -4,6 +4,13 @@ load_audio returns float32 mono at 16 kHz (the rate of every model here, as in f
 Channels are averaged, the rate is converted with scipy's polyphase resampler, and `start`/`frames` (counted at the
 output rate) read only the needed part of the file, so a 30 s crop out of a 10-minute track decodes ~30 s.
 Every failure is an AudioError whose message starts with the path.
+
+mp3 crops: libsndfile (1.2.2, with mpg123 1.32) decodes wrong audio for up to tens of MPEG frames after a seek:
+mpg123's seek empties the layer-3 bit reservoir, so a frame whose main data starts in earlier frames decodes as
+silence until enough frames have been read again (on a LAME-encoded pure tone: ~2,000 zeros, then a fade-in). A read
+from the start of the file, with no seek before it, is exact. python-soundfile seeks after every read (to keep its
+position), so reading a file in pieces has the same fault. load_audio therefore starts an mp3 crop at most
+`mp3_seek_margin` source samples earlier and drops them; see that function for the bound.
 """
 import math
 
@@ -35,6 +42,25 @@ def _resampled_length(num_frames, source_sr, sr):
     # resample_poly returns ceil(n * up / down) samples
     up, down = _ratio(source_sr, sr)
     return -(-num_frames * up // down)
+
+
+def mp3_seek_margin(source_sr):
+    """Source samples to decode before the first wanted sample of an mp3 after a seek, so that it is the sample a
+    read from the file's start gives (tests/test_data.py). From the MPEG audio spec: a layer-3 frame's main data may
+    start up to 511 bytes (MPEG-1; 255 for MPEG-2/2.5) before its header, in earlier frames. After a seek, mpg123 can
+    decode a frame only once the frames read since hold that many bytes of main data; at the lowest bitrate (32 kbps
+    MPEG-1, 8 kbps MPEG-2/2.5) with stereo side info and a CRC, a frame carries the fewest: e.g. 66 bytes at 44.1 kHz,
+    so 8 frames. Two more frames renew the IMDCT overlap and the 512-sample synthesis filter. Measured worst cases
+    (LAME via libsndfile, CBR and VBR, tone, noise and gapped music, 30 seeks each): 4.9 frames at 44.1 kHz, 5.8 at
+    48 kHz, 44.5 at 22.05 kHz and 79.2 at 24 kHz / 8 kbps, against bounds of 10, 11, 87 and 257 frames. The margin
+    is 0.25 s of audio at the MPEG-1 rates (44.1 and 48 kHz: 11,520 and 12,672 samples), up to 6.2 s at 24 kHz.
+    (Free-format streams, which may go below the lowest listed bitrate, are not covered.)"""
+    if source_sr >= 32000:  # MPEG-1: 1152 samples a frame, frames of 144 * bitrate / rate bytes
+        spf, reservoir, frame_bytes, side_info = 1152, 511, 144 * 32000 // source_sr, 32
+    else:  # MPEG-2 (16-24 kHz) and 2.5 (8-12 kHz): 576 samples a frame, 72 * bitrate / rate bytes
+        spf, reservoir, frame_bytes, side_info = 576, 255, 72 * 8000 // source_sr, 17
+    main_bytes = max(1, frame_bytes - 4 - side_info - 2)  # less the header, side info and CRC
+    return (-(-reservoir // main_bytes) + 2) * spf
 
 
 def audio_info(path, sr=SAMPLE_RATE):
@@ -76,9 +102,13 @@ def load_audio(path, sr=SAMPLE_RATE, start=0, frames=None, min_samples=1):
             src_start = max(0, (start * down // up - context) // down * down)
             src_stop = min(total, -(-stop * down // up) + context)
             out_offset = src_start * up // down
+        # an mp3 is decoded from `lead` samples earlier (the frames a seek leaves undecodable; see the docstring on
+        # top), or from its start, where no seek is needed
+        lead = min(src_start, mp3_seek_margin(source_sr)) if f.format == "MP3" else 0
         try:
-            f.seek(src_start)
-            x = f.read(src_stop - src_start, dtype="float32", always_2d=True)
+            if src_start - lead > 0 or f.format != "MP3":
+                f.seek(src_start - lead)
+            x = f.read(src_stop - src_start + lead, dtype="float32", always_2d=True)[lead:]
         except Exception as e:
             raise AudioError(f"{path}: unreadable or corrupt audio data ({e})") from None
     if x.shape[0] == 0:

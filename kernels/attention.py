@@ -10,19 +10,23 @@ kernel follows FlashAttention-2 (Dao 2023, arXiv:2307.08691; Triton tutorial 06-
 in fp32 over key blocks, only the log-sum-exp kept for backward, P recomputed there. What it adds:
   * key blocks at or past a clip's length are never loaded, and query blocks past it exit at once;
   * attention-probability dropout (wav2vec 2.0 / HuBERT / data2vec use p=0.1 in pre-training) drawn in-kernel with
-    Philox from (seed, batch*head, query, key), so forward, backward and `dropout_keep_mask` see the same bits and
-    no T x T tensor exists anywhere.
+    Philox from (seed, batch*head, query, key // 8), one call per 8 keys (16-bit slices, p rounded to 1/65536), so
+    forward, backward and `dropout_keep_mask` see the same bits and no T x T tensor exists anywhere. Counters are
+    unique while T * T / 8 < 2^32 (T < 185k frames, an hour at 50 Hz).
 Inputs: fp16 / bf16 / fp32, head dim 16/32/64/128, any strides (model.py passes transposed views). Accumulation is
 fp32; fp32 inputs multiply as 3xTF32 (about fp32 accuracy) on tensor cores.
 
 Backend choice: `BACKEND` ("auto" | "triton" | "torch"), initialised from the env var MUSICSSL_ATTENTION, or the
-context manager `use_backend("triton")`. "auto" runs the kernel on CUDA tensors when Triton imports and the head dim
-is supported, and torch everywhere else. "triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is
-imported (Triton's interpreter runs the same kernel code with numpy; this is how the tests check it without a GPU).
+context manager `use_backend("triton")`. "auto" runs the kernel on CUDA tensors when Triton imports, the head dim
+is supported and a config fits the GPU (see CONFIGS), and torch everywhere else. "triton" on CPU tensors needs
+TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter runs the same kernel code with numpy; this is
+how the tests check it without a GPU).
 """
 import contextlib
+import functools
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -87,22 +91,56 @@ def attention_reference(q, k, v, lengths=None, dropout_p=0.0, dropout_mask=None)
 
 # ------------------------------------------------------------------------------------------------ Triton kernels
 
+def _dropout_threshold(dropout_p):
+    """The kernel keeps a score when its 16-bit random slice is >= this: P(drop) = threshold / 65536, within
+    1 / 131072 of dropout_p (the kept values are scaled by 1 / (1 - dropout_p), as in the reference)."""
+    return min(65535, max(1, round(dropout_p * 65536))) if dropout_p > 0 else 0
+
+
+# The dropout seed changes every step and the threshold with p: neither may be specialised on (Triton specialises
+# integers divisible by 16 or equal to 1, so 1 step in 16 would recompile every kernel).
+SEED_ARGS = ["seed", "threshold"]
+
 if HAS_TRITON:
 
     @triton.jit
-    def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
-        # One Philox counter per (batch*head, query, key): the same bits whatever the block shape, so the forward,
-        # both backward kernels and dropout_keep_mask agree. int64 so B*H*T*T may exceed 2^31.
-        offsets = bh.to(tl.int64) * T * T + rows.to(tl.int64) * T + cols.to(tl.int64)
-        return tl.rand(seed, offsets) >= dropout_p
+    def _dropout_keep(seed, bh, rows, start_n, T_GROUPS, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # BLOCK_M x BLOCK_N keep-mask for queries `rows` and keys start_n .. start_n + BLOCK_N - 1.
+        # One 10-round Philox call gives 128 bits; each covers 8 keys with 16-bit slices (FlashAttention-2 takes
+        # 8-bit slices: 16 keys per call, but p is then rounded to 1/256; 16 bits round it to 1/65536). The counter
+        # is (query * T_GROUPS + key // 8, batch*head): the same bits whatever the tile shape, so the forward, both
+        # backward kernels and dropout_keep_mask agree; start_n and BLOCK_N are multiples of 8.
+        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+        c0 = (rows[:, None] * T_GROUPS + groups[None, :]).to(tl.uint32)
+        c1 = tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.uint32) + bh.to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c1 * 0, c1 * 0)
+        # key 8g + j takes slice j of call g; join/reshape interleave the 8 slices along the key axis
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        bits = tl.reshape(tl.join(lo, hi), [BLOCK_M, BLOCK_N])
+        return bits >= threshold
 
     @triton.jit
+    def _dropout_keep_t(seed, bh, rows, start_n, T_GROUPS, threshold, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        # _dropout_keep transposed (BLOCK_N keys x BLOCK_M queries), drawn in that orientation: transposing the
+        # mask instead costs the dK/dV kernel ~500 bytes of register spills per thread (ptxas, sm_80).
+        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+        c0 = (groups[:, None] + rows[None, :] * T_GROUPS).to(tl.uint32)
+        c1 = tl.zeros([BLOCK_N // 8, BLOCK_M], dtype=tl.uint32) + bh.to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c1 * 0, c1 * 0)
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        bits = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 3, 4, 1)), [BLOCK_N, BLOCK_M])
+        return bits >= threshold
+
+    @triton.jit(do_not_specialize=SEED_ARGS)
     def _attn_fwd_kernel(Q, K, V, O, LSE, Lengths,
                          stride_qb, stride_qh, stride_qt, stride_qd,
                          stride_kb, stride_kh, stride_kt, stride_kd,
                          stride_vb, stride_vh, stride_vt, stride_vd,
                          stride_ob, stride_oh, stride_ot, stride_od,
-                         H, T, T_BUCKET, sm_scale_log2, dropout_p, seed,
+                         H, T, T_BUCKET, sm_scale_log2, dropout_p, seed, threshold,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         start_m = tl.program_id(0) * BLOCK_M
@@ -133,7 +171,7 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
                 # Dropout acts on the normalised probabilities, so the denominator above uses undropped p.
-                keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+                keep = _dropout_keep(seed, bh, rows, start_n, (T + 7) // 8, threshold, BLOCK_M, BLOCK_N)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                         mask=col_valid[:, None], other=0.0)
@@ -145,14 +183,14 @@ if HAS_TRITON:
                  out.to(O.dtype.element_ty), mask=(rows < T)[:, None])
         tl.store(LSE + bh * T + rows, tl.where(row_valid, m_i + tl.log2(l_safe), 0.0), mask=rows < T)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SEED_ARGS)
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Lengths,
                               stride_qb, stride_qh, stride_qt, stride_qd,
                               stride_kb, stride_kh, stride_kt, stride_kd,
                               stride_vb, stride_vh, stride_vt, stride_vd,
                               stride_dob, stride_doh, stride_dot, stride_dod,
                               stride_gb, stride_gh, stride_gt, stride_gd,
-                              H, T, T_BUCKET, sm_scale, sm_scale_log2, dropout_p, seed,
+                              H, T, T_BUCKET, sm_scale, sm_scale_log2, dropout_p, seed, threshold,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         # One program per key block; loops over the clip's query blocks. Works in the transposed orientation
@@ -186,7 +224,7 @@ if HAS_TRITON:
             pT = tl.where(col_valid[:, None] & row_valid[None, :], tl.exp2(sT - lse[None, :]), 0.0)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
+                keep = _dropout_keep_t(seed, bh, rows, start_n, (T + 7) // 8, threshold, BLOCK_M, BLOCK_N)
                 p_dropT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
                 dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
             else:
@@ -200,14 +238,14 @@ if HAS_TRITON:
         tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=(cols < T)[:, None])
         tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=(cols < T)[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=SEED_ARGS)
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Lengths,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
                             stride_dob, stride_doh, stride_dot, stride_dod,
                             stride_gb, stride_gh, stride_gt, stride_gd,
-                            H, T, T_BUCKET, sm_scale, sm_scale_log2, dropout_p, seed,
+                            H, T, T_BUCKET, sm_scale, sm_scale_log2, dropout_p, seed, threshold,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
         # One program per query block; loops over the clip's key blocks. DQ has strides stride_g*.
@@ -238,7 +276,7 @@ if HAS_TRITON:
             p = tl.where(row_valid[:, None] & col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, vT, input_precision=PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+                keep = _dropout_keep(seed, bh, rows, start_n, (T + 7) // 8, threshold, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -246,38 +284,158 @@ if HAS_TRITON:
         dq_offs = b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :] * stride_gd
         tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=(rows < T)[:, None])
 
-    @triton.jit
-    def _dropout_mask_kernel(Out, T, dropout_p, seed, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=SEED_ARGS)
+    def _dropout_mask_kernel(Out, T, seed, threshold, BLOCK: tl.constexpr):
         bh = tl.program_id(2)
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+        start_n = tl.program_id(1) * BLOCK
+        cols = start_n + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, bh, rows, start_n, (T + 7) // 8, threshold, BLOCK, BLOCK)
         offs = bh.to(tl.int64) * T * T + rows[:, None] * T + cols[None, :]
         tl.store(Out + offs, keep.to(tl.int8), mask=(rows < T)[:, None] & (cols < T)[None, :])
 
-    # Autotuning on the GPU. Candidates are the usual FlashAttention-2 tiles for head dim 32..128 on A100/H100
-    # (tutorial 06); the key includes T rounded up to a power of two so a new crop length does not retune.
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                         (128, 32, 4, 4), (64, 32, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3)]]
-    _BWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                    for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                                         (128, 64, 8, 3), (16, 128, 4, 3)]]
-    _DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-                                        (128, 16, 4, 3)]]
-    _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "DROPOUT", "PRECISION"]
-    _TUNED = {_attn_fwd_kernel: triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd_kernel),
-              _attn_bwd_dkdv_kernel: triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_kernel),
-              _attn_bwd_dq_kernel: triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq_kernel)}
+    _KINDS = {_attn_fwd_kernel: "fwd", _attn_bwd_dkdv_kernel: "dkdv", _attn_bwd_dq_kernel: "dq"}
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+# Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M = query rows and BLOCK_N = key rows of
+# a tile, per kernel, input element size (2: fp16/bf16, 4: fp32 as 3xTF32) and head dim (<= 64, 128). Chosen from
+# kernels/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200) with dropout (the variant with more
+# registers live): none asks for more shared memory than the GPU has or spills more than
+# compile_check.MAX_SPILL_BYTES per thread, and tests/test_kernels_compile.py recompiles them (`--full`: every dtype,
+# head dim, with and without dropout) to hold them to that. Larger tiles spill with dropout on sm_80: dK/dV at
+# (64, 64) 364-524 bytes per thread, fp32 at head dim 128 anything wider than 32 x 16. Few per key: each is compiled and timed on
+# the first step of every new shape. On other GPUs the candidates whose shared-memory estimate exceeds the device's
+# limit are dropped; with none left, `auto` uses torch (and says so once) and `triton` raises.
+CONFIGS = {
+    ("fwd", 2, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    ("fwd", 2, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("fwd", 4, 64): [(64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 2)],
+    ("fwd", 4, 128): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 2, 64): [(32, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 2)],
+    ("dkdv", 2, 128): [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", 4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 4, 128): [(32, 16, 8, 2), (16, 16, 4, 2)],
+    ("dq", 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
+    ("dq", 2, 128): [(128, 32, 8, 2), (64, 32, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 4, 64): [(64, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 4, 128): [(32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+}
+KINDS = ("fwd", "dkdv", "dq")
+
+# Plan for this GPU instead of the current device: (compute capability as 80 / 90 / ..., max shared memory per block
+# in bytes). kernels/compile_check.py sets it to check the named targets without owning them.
+GPU_TARGET = None
+
+
+def gpu_limits(device):
+    """(compute capability major * 10 + minor, max dynamic shared memory per block) of a CUDA device."""
+    if GPU_TARGET is not None:
+        return GPU_TARGET
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index):  # asked on every call in `auto`: once per device is enough
+    major, minor = torch.cuda.get_device_capability(index)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return major * 10 + minor, props["max_shared_mem"]
+
+
+def shared_memory_estimate(kind, config, elt, head_dim, dropout, arch):
+    """Bytes of shared memory a config asks for, from the tiles the kernel stages through it (a bound checked
+    against the compiler's figure by tests/test_kernels_compile.py; only used to drop candidates on GPUs with less
+    shared memory than the targets)."""
+    bm, bn, _, stages = config
+    buffers = stages if arch >= 90 else stages - 1  # Hopper's pipeliner keeps all stages in flight, Ampere's S - 1
+    if kind == "fwd":  # K and V tiles per stage, the Q tile, the dropout mask's layout conversion
+        tiles = buffers * 2 * bn * head_dim * elt + bm * head_dim * elt
+    elif kind == "dkdv":  # Q and dO tiles per stage, K and V held
+        tiles = buffers * 2 * bm * head_dim * elt + 2 * bn * head_dim * elt
+    else:  # K and V tiles per stage, Q and dO held
+        tiles = buffers * 2 * bn * head_dim * elt + 2 * bm * head_dim * elt
+    if elt == 4:
+        tiles *= 2  # 3xTF32 stages both halves of split operands
+    # + the dropout mask's layout conversion, and 10% + 4 KB for conversion scratch the tiles above do not count
+    return int(1.1 * (tiles + (bm * bn * 4 if dropout else 0))) + 4096
+
+
+_SAID = set()
+
+
+def kernel_configs(kind, device, dtype, head_dim, dropout):
+    """The candidates of CONFIGS that fit this device for these inputs (empty if none does)."""
+    elt = dtype.itemsize
+    arch, max_shared = gpu_limits(device)
+    return [c for c in CONFIGS[(kind, elt, 64 if head_dim <= 64 else 128)]
+            if shared_memory_estimate(kind, c, elt, head_dim, dropout, arch) <= max_shared]
+
+
+def kernel_fits(device, dtype, head_dim, dropout):
+    """Whether forward and both backward kernels have a config for this device and input; says once if not."""
+    if all(kernel_configs(kind, device, dtype, head_dim, dropout) for kind in KINDS):
+        return True
+    key = (gpu_limits(device), dtype, head_dim, bool(dropout))
+    if key not in _SAID:
+        _SAID.add(key)
+        arch, max_shared = gpu_limits(device)
+        print(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {dtype} head dim "
+              f"{head_dim}{' with dropout' if dropout else ''}; using torch's scaled_dot_product_attention",
+              file=sys.stderr, flush=True)
+    return False
+
+
+if HAS_TRITON:
+    def _pruner(kind):
+        def prune(configs, named_args, **kwargs):
+            q = named_args["Q"]
+            allowed = set(kernel_configs(kind, q.device, q.dtype, kwargs["HEAD_DIM"], kwargs["DROPOUT"]))
+            return [c for c in configs
+                    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        return prune
+
+    def _autotuned(kernel, kind):
+        # every candidate of this kernel; the pruner keeps those of the call's dtype, head dim and GPU. The key
+        # includes T rounded up to a power of two, so a new crop length does not retune.
+        tiles = sorted({c for (k, _, _), cs in CONFIGS.items() if k == kind for c in cs})
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+        return triton.autotune(configs, key=["T_BUCKET", "HEAD_DIM", "DROPOUT", "PRECISION"],
+                               prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
+
+    _TUNED = {kernel: _autotuned(kernel, kind) for kernel, kind in _KINDS.items()}
 
 # Under the interpreter one small fixed tile: small so that the tests' short sequences span several blocks.
 INTERPRET_BLOCK = 16
+_PINNED = {}
+
+
+@contextlib.contextmanager
+def pin_config(kind, config):
+    """with pin_config("fwd", (128, 64, 8, 3)): the kernel of that kind runs with exactly this config (bypassing
+    the autotuner; also under the interpreter, where num_warps/num_stages mean nothing). For bench/devcheck.py."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    old = _PINNED.get(kind)
+    _PINNED[kind] = tuple(config)
+    try:
+        yield
+    finally:
+        if old is None:
+            _PINNED.pop(kind)
+        else:
+            _PINNED[kind] = old
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """Autotuned launch on the GPU; one fixed tile under the interpreter (autotuning there would only cost time)."""
-    if _interpreting():
+    """Autotuned launch on the GPU; one fixed tile under the interpreter (autotuning there would only cost time);
+    a pinned config when pin_config says so."""
+    pinned = _PINNED.get(_KINDS[kernel])
+    if pinned is not None:
+        bm, bn, warps, stages = pinned
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+        kernel[grid(blocks)](*args, **kwargs, **blocks, num_warps=warps, num_stages=stages)
+    elif _interpreting():
         blocks = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
         kernel[grid(blocks)](*args, **kwargs, **blocks)
     else:
@@ -288,11 +446,15 @@ def _strides(t):
     return tuple(t.stride())
 
 
+# How fp32 inputs multiply: "tf32x3" (default) or "tf32" (faster, ~1e-3 relative error; bench/devcheck.py compares).
+FP32_PRECISION = "tf32x3"
+
+
 def _precision(dtype):
     # fp16/bf16 products are exact on tensor cores (fp32 accumulation). fp32 inputs use 3xTF32 (Triton's "tf32x3":
     # a = a_hi + a_lo, three TF32 MMAs) for ~fp32 accuracy on tensor cores: plain TF32 would cost ~1e-3 relative
     # error, and "ieee" runs on FMA units and spills registers at these tile sizes (ptxas -v on sm_90).
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
 def _check_inputs(q, k, v, lengths):
@@ -331,7 +493,7 @@ def _attention_forward(q, k, v, lengths32, dropout_p, seed):
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _launch(_attn_fwd_kernel, grid,
             q, k, v, o, lse, lengths32, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, T, triton.next_power_of_2(T), LOG2E / math.sqrt(D), dropout_p, seed,
+            H, T, triton.next_power_of_2(T), LOG2E / math.sqrt(D), dropout_p, seed, _dropout_threshold(dropout_p),
             HEAD_DIM=D, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
     return o, lse
 
@@ -342,7 +504,8 @@ def _attention_backward(q, k, v, o, lse, do, lengths32, dropout_p, seed):
     delta = (do.float() * o.float()).sum(-1).contiguous()
     dq, dk, dv = (_empty_like_heads_last(q) for _ in range(3))
     common = dict(HEAD_DIM=D, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
-    scalars = (H, T, triton.next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), dropout_p, seed)
+    scalars = (H, T, triton.next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D), dropout_p, seed,
+               _dropout_threshold(dropout_p))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _launch(_attn_bwd_dkdv_kernel,
             lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H),
@@ -379,26 +542,32 @@ def attention_triton(q, k, v, lengths=None, dropout_p=0.0, seed=None):
     _check_inputs(q, k, v, lengths)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if q.is_cuda and not (_PINNED or all(kernel_configs(kind, q.device, q.dtype, q.shape[-1], dropout_p > 0)
+                                         for kind in KINDS)):
+        arch, max_shared = gpu_limits(q.device)
+        raise RuntimeError(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {q.dtype} "
+                           f"head dim {q.shape[-1]}; use the torch or auto backend")
     if seed is None:
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout_p > 0 else 0
     lengths32 = _lengths_int32(lengths, q.shape[0], q.shape[2], q.device)
     return _FlashAttention.apply(q, k, v, lengths32, float(dropout_p), int(seed))
 
 
-def dropout_keep_mask(seed, B, H, T, dropout_p, device="cpu"):
+def dropout_keep_mask(seed, B, H, T, dropout_p, device="cpu", block=None):
     """B x H x T x T bool: the keep-mask the kernel draws for this seed (True = kept). For tests and debugging only;
-    the kernel itself never materialises it."""
+    the kernel itself never materialises it. block: tile size (a multiple of 8; the mask does not depend on it)."""
     if not HAS_TRITON:
         raise RuntimeError("dropout_keep_mask needs triton")
     out = torch.empty(B, H, T, T, dtype=torch.int8, device=device)
-    block = 16 if _interpreting() else 64
-    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](out, T, float(dropout_p), int(seed),
-                                                                               BLOCK=block)
+    block = block or (16 if _interpreting() else 64)
+    _dropout_mask_kernel[(triton.cdiv(T, block), triton.cdiv(T, block), B * H)](
+        out, T, int(seed), _dropout_threshold(dropout_p), BLOCK=block)
     return out.bool()
 
 
-def _kernel_applies(q):
-    return HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+def _kernel_applies(q, dropout_p):
+    return (HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+            and kernel_fits(q.device, q.dtype, q.shape[-1], dropout_p > 0))
 
 
 def attention(q, k, v, lengths=None, dropout_p=0.0, seed=None):
@@ -407,6 +576,6 @@ def attention(q, k, v, lengths=None, dropout_p=0.0, seed=None):
     eval); seed: dropout seed for the kernel path (None = drawn from torch's generator)."""
     if BACKEND not in BACKENDS:
         raise ValueError(f"attention backend (MUSICSSL_ATTENTION) must be one of {BACKENDS}, got {BACKEND!r}")
-    if BACKEND == "triton" or (BACKEND == "auto" and _kernel_applies(q)):
+    if BACKEND == "triton" or (BACKEND == "auto" and _kernel_applies(q, dropout_p)):
         return attention_triton(q, k, v, lengths, dropout_p, seed)
     return attention_reference(q, k, v, lengths, dropout_p)

@@ -172,6 +172,47 @@ def test_dropout_mask_is_seeded_and_has_the_right_rate():
     assert torch.equal(b, attn.attention_triton(q, k, v, dropout_p=0.5))
 
 
+def test_dropout_bits_do_not_depend_on_the_tile_and_every_slice_is_uniform():
+    # One Philox call covers 8 keys with 16-bit slices; the counter is (query, key // 8, batch*head), so any tile
+    # shape (the autotuner's, dropout_keep_mask's) sees the same bits.
+    m16 = attn.dropout_keep_mask(11, 2, 2, 64, 0.25, device=DEVICE, block=16)
+    assert torch.equal(m16, attn.dropout_keep_mask(11, 2, 2, 64, 0.25, device=DEVICE, block=32))
+    assert torch.equal(m16, attn.dropout_keep_mask(11, 2, 2, 64, 0.25, device=DEVICE, block=64))
+    # each of the 8 slice positions keeps at rate 1 - p (2048 draws each: 4 standard errors = 0.038)
+    for j in range(8):
+        assert abs(m16[..., j::8].float().mean().item() - 0.75) < 0.038, j
+    # neighbouring keys (slices of one call) are uncorrelated: P(both kept) = 0.75^2
+    both = (m16[..., 0::2] & m16[..., 1::2]).float().mean().item()
+    assert abs(both - 0.5625) < 0.04
+    assert attn._dropout_threshold(0.1) == 6554 and attn._dropout_threshold(1e-9) == 1
+    assert attn._dropout_threshold(0.0) == 0 and attn._dropout_threshold(0.99999999) == 65535
+
+
+def test_kernels_fall_back_to_torch_when_no_config_fits(capsys, monkeypatch):
+    from types import SimpleNamespace
+    cuda_q = SimpleNamespace(is_cuda=True, shape=(2, 2, 100, 128), dtype=torch.float32, device=torch.device("cuda"))
+    monkeypatch.setattr(attn, "HAS_TRITON", True)
+    monkeypatch.setattr(attn, "GPU_TARGET", (75, 1024))  # a GPU with 1 KB of shared memory: nothing fits
+    assert not attn._kernel_applies(cuda_q, 0.1)
+    assert not attn._kernel_applies(cuda_q, 0.1)
+    said = capsys.readouterr().err
+    assert said.count("no kernel config fits sm_75") == 1 and "using torch" in said  # said once
+    monkeypatch.setattr(km, "GPU_TARGET", (75, 1024))
+    assert not km.kernel_fits(torch.device("cuda"), "fp32", 39)
+    assert "k-means: no kernel config fits sm_75" in capsys.readouterr().err
+    # on the named targets every input the kernels accept keeps a config (tests/test_kernels_compile.py compiles them)
+    for target in [(80, 166_912), (90, 232_448)]:
+        monkeypatch.setattr(attn, "GPU_TARGET", target)
+        monkeypatch.setattr(km, "GPU_TARGET", target)
+        for dtype in attn.SUPPORTED_DTYPES:
+            for D in attn.SUPPORTED_HEAD_DIMS:
+                assert attn._kernel_applies(SimpleNamespace(**dict(vars(cuda_q), shape=(2, 2, 100, D), dtype=dtype)),
+                                            0.1)
+        for variant in ("fp32", "tf32", "bf16", "fp16"):
+            for D in (39, 768):
+                assert km.kernel_fits(torch.device("cuda"), variant, D)
+
+
 def test_attention_backend_switch():
     q, k, v = (t.detach() for t in qkv(2, 1, 18, 16, torch.float32, seed=8))
     lengths = torch.tensor([18, 4], device=DEVICE)
@@ -224,6 +265,25 @@ print("ok")
     env = dict(os.environ, MUSICSSL_ATTENTION="torch", MUSICSSL_KMEANS="auto", PYTHONPATH=root)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+def test_devcheck_small_runs_on_cpu(tmp_path):
+    """bench/devcheck.py --small: every section of the first-GPU check on tiny shapes under the interpreter."""
+    import json
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "dc.jsonl"
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(root, "bench", "devcheck.py"), "--small", "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out)]
+    assert {r["section"] for r in rows} >= {"configs", "fp32", "speed", "kmeans", "end"}
+    assert not [r for r in rows if r["name"] in ("failed", "skipped") or "error" in r]
+    checked = [r for r in rows if "ok" in r]
+    assert len(checked) >= 5 and all(r["ok"] for r in checked), [r for r in checked if not r["ok"]]
+    assert all(r["label_agreement_float64"] == 1.0 for r in rows if "label_agreement_float64" in r)
+    assert all(r["counts_equal"] for r in rows if "counts_equal" in r)
 
 
 @pytest.mark.slow

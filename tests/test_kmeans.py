@@ -112,6 +112,55 @@ def test_empty_cluster_is_reseeded():
     assert err < 0.2 and len(set(which.tolist())) == 3
 
 
+def test_warm_up_then_full_passes_reach_the_same_clusters():
+    x, centers, _ = planted(n_per=1500, k=6, dim=5, seed=11)
+    x = x[np.random.default_rng(2).permutation(len(x))]
+    history = []
+    warm = kmeans.fit_kmeans(x, 6, seed=3, chunk_rows=1000, verbose=False, warm_points=1200, history=history)
+    cold = kmeans.fit_kmeans(x, 6, seed=3, chunk_rows=1000, verbose=False, warm_points=0)
+    assert warm["warm_iterations"] >= 1 and cold["warm_iterations"] == 0
+    assert len(history) == warm["iterations"]  # history holds the passes over all points only
+    assert math.isclose(history[-1][1], warm["inertia"], rel_tol=1e-12)
+    assert math.isclose(warm["inertia"], cold["inertia"], rel_tol=1e-3)
+    err, which = match_error(warm["centroids"].numpy(), centers)
+    assert err < 0.1 and len(set(which.tolist())) == 6
+    # the returned inertia is that of the returned centroids, measured on all points
+    labels, dists = kmeans.assign_nearest(torch.from_numpy(x), warm["centroids"])
+    assert math.isclose(dists.double().mean().item(), warm["inertia"], rel_tol=1e-5)
+    # a sample of more than half the data is pointless: no warm-up
+    assert kmeans.fit_kmeans(x, 6, seed=3, verbose=False, warm_points=4501)["warm_iterations"] == 0
+
+
+def test_each_pass_reads_the_points_once_through_the_fused_assign_and_sum(monkeypatch):
+    x, _, _ = planted(n_per=200, k=4, dim=3, seed=4)
+    calls = []
+    fused = kmeans.assign_and_sum
+    monkeypatch.setattr(kmeans, "assign_and_sum", lambda *a, **kw: calls.append(a[0].shape[0]) or fused(*a, **kw))
+    monkeypatch.setattr(kmeans, "assign_nearest", lambda *a, **kw: pytest.fail("Lloyd pass used assign_nearest"))
+    out = kmeans.fit_kmeans(x, 4, init=x[:4], chunk_rows=300, verbose=False, warm_points=0)
+    assert sum(calls) == out["iterations"] * len(x)  # every point once per pass, in chunks of 300
+    assert max(calls) == 300
+
+
+def test_labels_are_exact_nearest_centroids_against_float64_brute_force():
+    # MFCC-like: 39 dims, a large C0-like offset (|x|^2 ~ 1e3-1e4 as on real music), centroids from a fit
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6000, 39)) * np.linspace(12, 2, 39) + np.r_[-40.0, np.zeros(38)]).astype(np.float32)
+    x[::7] *= 1.5
+    out = kmeans.fit_kmeans(x, 64, seed=0, verbose=False, chunk_rows=2048)
+    c = out["centroids"]
+    labels, dists = kmeans.assign_nearest(torch.from_numpy(x), c)
+    d64 = ((torch.from_numpy(x).double()[:, None, :] - c.double()[None]) ** 2).sum(-1)
+    best = d64.min(1).values
+    chosen = d64.gather(1, labels[:, None]).squeeze(1)
+    # a different label is allowed only on a near-tie within fp32 rounding of the distance expansion
+    scale = (torch.from_numpy(x).double() ** 2).sum(1) + (c.double() ** 2).sum(1).max()
+    assert ((chosen - best) <= 1e-6 * scale).all()
+    mismatches = (labels != d64.argmin(1)).sum().item()
+    assert mismatches <= 3
+    torch.testing.assert_close(dists.double(), best, rtol=0, atol=1e-5 * scale.max().item())
+
+
 def write_shards(feat_dir, split, arrays_per_shard):
     """fairseq-format shards from lists of per-utterance arrays."""
     os.makedirs(feat_dir, exist_ok=True)
@@ -250,7 +299,7 @@ def _distributed_fit(rank, world, path, port, x, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    res = kmeans.fit_kmeans(x, 5, seed=0, chunk_rows=100, verbose=False)
+    res = kmeans.fit_kmeans(x, 5, seed=0, chunk_rows=100, verbose=False, warm_points=300)
     if rank == 0:
         torch.save(res, out)
     torch.distributed.destroy_process_group()
@@ -267,8 +316,9 @@ def test_distributed_fit_equals_single_process(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_distributed_fit, args=(2, str(tmp_path), port, x, out), nprocs=2)
     dist = torch.load(out, weights_only=False)
-    single = kmeans.fit_kmeans(x, 5, seed=0, chunk_rows=100, verbose=False)
-    assert dist["iterations"] == single["iterations"]
+    single = kmeans.fit_kmeans(x, 5, seed=0, chunk_rows=100, verbose=False, warm_points=300)
+    assert single["warm_iterations"] >= 1  # the warm-up sample is split over the ranks too
+    assert dist["iterations"] == single["iterations"] and dist["warm_iterations"] == single["warm_iterations"]
     np.testing.assert_allclose(dist["centroids"].numpy(), single["centroids"].numpy(), atol=1e-4)
     assert math.isclose(dist["inertia"], single["inertia"], rel_tol=1e-6)
 

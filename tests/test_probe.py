@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 import probe
+import probe_metrics
 from data import downstream
 
 SR = 16000
@@ -39,7 +40,7 @@ def run_cli(tmp_path, task, root, *extra):
 
 def test_accuracy():
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    assert probe.accuracy(scores, [0, 1, 1, 1]) == 0.75
+    assert probe_metrics.accuracy(scores, [0, 1, 1, 1]) == 0.75
 
 
 def test_macro_roc_auc_by_hand():
@@ -47,13 +48,13 @@ def test_macro_roc_auc_by_hand():
     # label 1: positive 0.3; negatives 0.3 (tie = 1/2), 0.2, 0.8 -> (0.5 + 1 + 0) / 3 = 1/2
     scores = np.array([[0.9, 0.3], [0.5, 0.3], [0.4, 0.2], [0.1, 0.8]])
     y = np.array([[1, 1], [0, 0], [1, 0], [0, 0]])
-    assert probe.macro_roc_auc(scores, y) == pytest.approx((0.75 + 0.5) / 2)
+    assert probe_metrics.macro_roc_auc(scores, y) == pytest.approx((0.75 + 0.5) / 2)
 
 
 def test_macro_roc_auc_skips_labels_without_both_classes():
     scores = np.array([[0.9, 0.3], [0.1, 0.2]])
     y = np.array([[1, 1], [0, 1]])  # label 1 has no negatives: undefined, left out
-    assert probe.macro_roc_auc(scores, y) == 1.0
+    assert probe_metrics.macro_roc_auc(scores, y) == 1.0
 
 
 def test_macro_average_precision_by_hand():
@@ -61,7 +62,7 @@ def test_macro_average_precision_by_hand():
     # label 1, ranked 0.8(-) 0.3(+) 0.3(-) 0.2(-): the tie is one threshold: precision 1/3 at recall 1 -> 1/3
     scores = np.array([[0.9, 0.3], [0.5, 0.3], [0.4, 0.2], [0.1, 0.8]])
     y = np.array([[1, 1], [0, 0], [1, 0], [0, 0]])
-    assert probe.macro_average_precision(scores, y) == pytest.approx((5 / 6 + 1 / 3) / 2)
+    assert probe_metrics.macro_average_precision(scores, y) == pytest.approx((5 / 6 + 1 / 3) / 2)
 
 
 def test_metrics_match_sklearn_on_random_data():
@@ -69,8 +70,8 @@ def test_metrics_match_sklearn_on_random_data():
     rng = np.random.default_rng(0)
     y = (rng.random((200, 7)) < 0.3).astype(int)
     scores = np.round(rng.random((200, 7)) + y * 0.3, 2)  # rounding makes ties
-    assert probe.macro_roc_auc(scores, y) == pytest.approx(sk.roc_auc_score(y, scores, average="macro"))
-    assert probe.macro_average_precision(scores, y) == pytest.approx(
+    assert probe_metrics.macro_roc_auc(scores, y) == pytest.approx(sk.roc_auc_score(y, scores, average="macro"))
+    assert probe_metrics.macro_average_precision(scores, y) == pytest.approx(
         sk.average_precision_score(y, scores, average="macro"))
 
 
@@ -78,9 +79,9 @@ def test_r2_by_hand():
     # dim 0: y = 1,2,3 (mean 2, SS_tot 2), pred 1,2,4 (SS_res 1) -> 0.5; dim 1: perfect -> 1
     y = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 5.0]])
     pred = np.array([[1.0, 0.0], [2.0, 1.0], [4.0, 5.0]])
-    r2 = probe.r2_per_dim(pred, y)
+    r2 = probe_metrics.r2_per_dim(pred, y)
     assert r2 == pytest.approx([0.5, 1.0])
-    m = probe.task_metrics("regression", pred, y, ("r2", "arousal_r2", "valence_r2"))
+    m = probe_metrics.task_metrics("regression", pred, y, ("r2", "arousal_r2", "valence_r2"))
     assert m == pytest.approx({"r2": 0.75, "arousal_r2": 0.5, "valence_r2": 1.0})
 
 
@@ -253,11 +254,11 @@ def test_monitor_scores_equal_per_head_metrics():
     y_mc = rng.integers(0, 6, 30)
     y_r = rng.standard_normal((30, 2))
     for h in range(5):
-        assert probe.monitor_scores("multilabel", "roc_auc", out, y_ml)[h] == pytest.approx(
-            probe.macro_roc_auc(out[h], y_ml))
-        assert probe.monitor_scores("multiclass", "acc", out, y_mc)[h] == probe.accuracy(out[h], y_mc)
-        assert probe.monitor_scores("regression", "r2", out[:, :, :2], y_r)[h] == pytest.approx(
-            probe.task_metrics("regression", out[h, :, :2], y_r, ("r2",))["r2"])
+        assert probe_metrics.monitor_scores("multilabel", "roc_auc", out, y_ml)[h] == pytest.approx(
+            probe_metrics.macro_roc_auc(out[h], y_ml))
+        assert probe_metrics.monitor_scores("multiclass", "acc", out, y_mc)[h] == probe_metrics.accuracy(out[h], y_mc)
+        assert probe_metrics.monitor_scores("regression", "r2", out[:, :, :2], y_r)[h] == pytest.approx(
+            probe_metrics.task_metrics("regression", out[h, :, :2], y_r, ("r2",))["r2"])
 
 
 def test_group_shuffle_split_matches_sklearn():

@@ -4,7 +4,6 @@ fixtures in the conventional folders (skipping the missing data sets with one li
 putting two models side by side."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import probe
 import probe_report
 from test_probe import write_nsynth
+from test_probe_beat import make_beat_folder, make_gtzan
 from test_probe_gs import write_giantsteps
 from test_probe_mtg import write_mtg
 
@@ -119,3 +119,35 @@ def test_task_all_and_report(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a JSON line"):
         (tmp_path / "bad.jsonl").write_text('{"task": "mtt"\n')
         probe.main(["report", str(tmp_path / "bad.jsonl")])
+
+
+def test_task_all_shows_the_beat_columns(tmp_path, capsys):
+    """--task all over ROOT/gtzan (GTZAN audio + GTZAN-Rhythm JAMS: the genre and the beat task) and ROOT/beat (a
+    .beats folder): the beat tasks declare their Table-1 columns (probe_frames.BEAT_TABLE), so the printed table and
+    the CSV show MARBLE's F at 70 ms (the headline) and the per-track F, not the 20 ms figures, in the paper's order."""
+    root = tmp_path / "data"
+    make_gtzan(root / "gtzan", 2, seconds=4.0)
+    make_beat_folder(root / "beat", 8, seconds=4.0)
+    runs = tmp_path / "runs"
+    records = probe.main(["--task", "all", "--model", "random", "--model-config", "tiny", "--data-root", str(root),
+                          "--max-clips", "2", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device",
+                          "cpu", "--results", str(runs / "probe_results.jsonl")])
+    out = capsys.readouterr().out
+    assert {t for t, _, _ in records} == {"gtzan_genre", "gtzan_beat", "beat"}
+    beat = {t: records[t, "random", probe.SEED] for t in ("gtzan_beat", "beat")}
+    for r in beat.values():
+        assert r["table"] == list(probe.TASKS[r["task"]].table) == ["f_70ms", "track_f_70ms"]
+        assert r["headline"] == "f_70ms" and set(r["metrics"]) == {"f_70ms", "f_20ms", "track_f_70ms",
+                                                                  "track_f_20ms"}
+    folder = runs / probe_report.row_key(beat["beat"])
+    table = (folder / "table.md").read_text()
+    assert table in out
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("|") and not line.startswith("|-")]
+    assert lines[0] == ["Dataset", "GTZAN", "GTZANBT", "", "Beat", ""]
+    assert lines[1] == ["Metrics", "Acc", "F70", "F70/track", "F70", "F70/track"]
+    assert lines[2][2:] == [f"{100 * beat[t]['metrics'][m]:.1f}" for t in ("gtzan_beat", "beat")
+                            for m in ("f_70ms", "track_f_70ms")]
+    rows = list(csv.reader(open(folder / "table.csv")))
+    assert rows[0][3:] == ["gtzan_genre/acc", "gtzan_beat/f_70ms", "gtzan_beat/track_f_70ms", "beat/f_70ms",
+                           "beat/track_f_70ms"]

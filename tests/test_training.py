@@ -3,6 +3,8 @@ import math
 import os
 import random
 import signal
+import threading
+import time
 import types
 
 import numpy as np
@@ -97,6 +99,37 @@ def test_stop_signal_on_sigterm():
         assert not stop.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.should_stop()
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is old
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _sleep_forever(_):
+    time.sleep(3600)
+
+
+def test_stop_signal_leaves_forked_workers_killable():
+    """A Pool forked while the handler is installed must still die on terminate() (SIGTERM): a worker that only set
+    a flag hung the test suite in the Pool's exit until CI's time ran out."""
+    import multiprocessing
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = training.StopSignal()
+        pool = multiprocessing.get_context("fork").Pool(1)
+        pool.map_async(_sleep_forever, [0])
+        time.sleep(0.5)
+        workers = [w.pid for w in pool._pool]
+        closer = threading.Thread(target=pool.terminate, daemon=True)
+        closer.start()
+        closer.join(timeout=20)
+        hung = closer.is_alive()
+        if hung:  # free the test run, then fail
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            closer.join()
+        assert not hung, "Pool.terminate() did not stop a worker forked under StopSignal"
+        assert not stop.requested
     finally:
         signal.signal(signal.SIGTERM, old)
 
