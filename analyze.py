@@ -33,7 +33,7 @@ import torch
 from data.audio import SAMPLE_RATE, AudioError, load_audio
 from data.downstream import NSYNTH_FAMILIES, DataSetError, read_nsynth
 from data.manifest import ManifestError, read_manifest
-from model import Encoder, GumbelQuantizer, codeword_indices, load_pretrained, load_quantizer
+from model import Encoder, GumbelQuantizer, codeword_indices, load_pretrained, load_quantizer, receptive_field
 
 LABELS = ("pitch", "instrument")  # the NSynth labels codewords are compared with
 SHUFFLES = 5  # label permutations across notes for the chance level of NMI and purity
@@ -120,15 +120,6 @@ def code_name(kind, code, codewords, groups):
 
 # ------------------------------------------------------------------------------------------------------------------
 # which frames count
-
-def receptive_field(conv_layers):
-    """(input samples one output frame sees, hop in samples) of a stack of unpadded convs: 400, 320 for the base."""
-    field, hop = 1, 1
-    for _, k, s in conv_layers:
-        field += (k - 1) * hop
-        hop *= s
-    return field, hop
-
 
 def frame_levels_db(wav, num_frames, conv_layers):
     """Level of each encoder frame in dB relative to the clip's loudest frame: the RMS of the samples the frame sees
