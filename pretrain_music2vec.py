@@ -18,6 +18,7 @@ import math
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,7 +38,13 @@ from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, span_mask
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
 crop_seconds = 30.0  # Music2Vec: 30 s of context (data2vec speech: 20 s); batches are cut to their shortest clip
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
+crop_seconds_min = 0.0  # > 0: cut each micro-batch to a length drawn uniformly from [crop_seconds_min,
+#                         crop_seconds] (not in fairseq, see cut_to_random_length)
 pad_batches = False  # False: cut every clip of a batch to the shortest (fairseq); True: zero-pad to the longest
+waveform_norm = "file"  # file: zero mean, unit variance with each FILE's statistics, before cropping (fairseq);
+#                         clip: with each crop's own (what the encoder does at inference)
+file_stats_tsv = ""  # cache of the whole-file statistics, one line per manifest line, computed once (by all ranks
+#                      and loader workers together) and reused; "" = next to the manifest (train.stats.tsv)
 batch_size = 4  # clips per micro-batch per rank
 grad_accum = 32  # micro-batches per update over ALL ranks, divided by the world size (nanoGPT's convention): the
 #                  default update is 32 x 4 x 30 s = 64 min of audio on any number of GPUs (data2vec base: 63 min)
@@ -53,18 +60,32 @@ conv_channels = 512  # channels of the 7 conv front-end layers (base: 512; the C
 dropout = 0.1
 attention_dropout = 0.1
 layerdrop = 0.05
+feature_grad_mult = 1.0  # scales the gradient into the conv front end (data2vec: 1.0; 0 freezes it at its init)
 # objective (data2vec_audio.py, base_librispeech.yaml)
 mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
 mask_length = 10
 min_masks = 1
 top_k_layers = 8  # targets = mean of the teacher's top-K layers (Music2Vec ablation: 12 = all layers)
+instance_norm_target_layer = True  # data2vec speech: normalise each layer's channels over the clip's frames
+layer_norm_target_layer = False  # data2vec NLP/vision: parameter-free LayerNorm of each layer's frames (after the
+#                                  instance norm when both are on, as fairseq)
+center_targets = False  # subtract from every target the micro-batch's mean target at its position in the crop
 loss_beta = 0.0  # 0 = squared error, as released; > 0 = smooth L1 with this beta
 ema_decay_start = 0.999
 ema_decay_end = 0.9999
 ema_anneal_steps = 30_000  # the decay rises linearly over these updates, then is held
-collapse_check_after = 5_000  # updates; the reference checks for collapse only after 5k updates
+ema_pos_conv = False  # False: the teacher copies the student's positional convs at every update (data2vec
+#                       ema_layers_only); True: it averages them like its other parameters
+ema_transformer_only = True  # data2vec: the teacher is the transformer alone, fed the student's conv features;
+#                              False: it is an EMA of the whole encoder (conv front end too) and reads the waveform
+collapse_check_after = -1  # first checked update; -1 = the end of the lr warm-up, at most data2vec's 5000
 min_target_std = 0.1  # data2vec min_target_var (a standard deviation despite the name)
 min_pred_std = 0.01  # data2vec min_pred_var
+max_pos_share = 0.5  # position collapse: most of the target (or prediction) variance explained by frame index
+# Measured (README, Music2Vec): content at init has target shares of 0.05-0.07 (synthetic corpus) and the prediction
+# share starts near 0; the collapsing quick-start recipe went 0.21 (update 100) -> 0.31 -> 0.55 -> 0.77 -> 0.95 and
+# real songs reach 0.99. Recipes still above 0.5 at their end (target or prediction) all lost to random init on the
+# note probes; 0.5 stops those within ~10 updates of the jump and leaves runs whose shares stayed below 0.45.
 # optimisation
 learning_rate = 5e-4
 max_steps = 400_000
@@ -105,7 +126,8 @@ def ema_decay_at(step, start=None, end=None, anneal_steps=None):
 
 def make_teacher(transformer):
     """The EMA teacher: a float32 copy of the student's transformer (pos conv stack + encoder LayerNorm + layers).
-    data2vec `ema_transformer_only`: the conv front end and projection are shared, not copied."""
+    data2vec `ema_transformer_only`: the conv front end and projection are shared, not copied. (Given the whole
+    Encoder instead, it copies that: ema_transformer_only=False.)"""
     teacher = copy.deepcopy(transformer).float().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -151,10 +173,12 @@ def instance_norm_valid(x, valid, eps=1e-5):
     return (x - mean) * torch.rsqrt(var + eps) * w
 
 
-def build_targets(ffn_outputs, padding_mask, top_k):
+def build_targets(ffn_outputs, padding_mask, top_k, instance_norm=True, layer_norm=False):
     """data2vec targets: each of the top-K teacher layers' FFN outputs (before the residual and the layer's final
-    LayerNorm), instance-normalised over time per clip, then averaged. ffn_outputs: list (one per layer) of
-    B x T x C; padding_mask: B x T bool (True = padded) or None. Returns B x T x C float32 (zero at padding)."""
+    LayerNorm), instance-normalised over time per clip (instance_norm_target_layer, data2vec's choice for speech)
+    and/or layer-normalised per frame without parameters (layer_norm_target_layer, its choice for NLP and vision),
+    then averaged. ffn_outputs: list (one per layer) of B x T x C; padding_mask: B x T bool (True = padded) or
+    None. Returns B x T x C float32 (zero at padding)."""
     if not 1 <= top_k <= len(ffn_outputs):
         raise ValueError(f"top_k_layers={top_k} but the teacher has {len(ffn_outputs)} layers")
     first = ffn_outputs[0]
@@ -162,9 +186,25 @@ def build_targets(ffn_outputs, padding_mask, top_k):
              else ~padding_mask)
     target = None
     for layer_out in ffn_outputs[-top_k:]:
-        y = instance_norm_valid(layer_out, valid)
+        y = instance_norm_valid(layer_out, valid) if instance_norm else layer_out.float() * valid[:, :, None]
+        if layer_norm:
+            y = F.layer_norm(y, y.shape[-1:]) * valid[:, :, None]
         target = y if target is None else target + y
     return target / top_k
+
+
+def center_by_position(target, valid, max_frames):
+    """target minus the mean over the micro-batch's clips of the targets at the same position key (position_keys):
+    what frame position alone predicts is taken out of the targets, so that it cannot be learnt from them."""
+    lengths = valid.sum(1)
+    keys = position_keys(valid, lengths, max_frames)
+    rows = target[valid]
+    C = rows.shape[1]
+    sums = torch.zeros(2 * max_frames, C, dtype=rows.dtype, device=rows.device).index_add_(0, keys, rows)
+    count = torch.bincount(keys, minlength=2 * max_frames).clamp_min(1).to(rows.dtype)
+    out = torch.zeros_like(target)
+    out[valid] = rows - (sums / count[:, None])[keys]
+    return out
 
 
 def regression_loss(pred, target, beta):
@@ -194,14 +234,80 @@ def channel_std(stats):
     return float(torch.sqrt(var.clamp_min(0.0) + 1e-6).mean())
 
 
+def position_keys(selected, lengths, max_frames):
+    """Where each selected frame (B x T bool: the valid or the masked frames) sits in its crop of lengths[b] frames,
+    as a key in [0, 2 * max_frames): its index counted from the start in the first half of the crop, max_frames +
+    its index counted from the end in the second half. The positional convs' zero padding marks both ends of a crop,
+    so with crops of varying length a pattern tied to the end lines up only when counted from the end; with crops
+    of one length the keys are just the frame indices. Keys follow selected.nonzero() order (that of x[selected])."""
+    b, t = selected.nonzero().unbind(1)
+    n = lengths[b]
+    return torch.where(t < (n + 1) // 2, t, max_frames + (n - 1 - t))
+
+
+def position_sums(rows, keys, num_keys):
+    """What position_share needs from some rows (M x C) with position keys (M), as one float64 vector [rows per key
+    (num_keys), sum per key (num_keys x C), sum of squares] that micro-batches and ranks add."""
+    rows = rows.detach().double()
+    C = rows.shape[1]
+    count = torch.bincount(keys, minlength=num_keys).double()
+    sums = torch.zeros(num_keys, C, dtype=torch.float64, device=rows.device).index_add_(0, keys, rows)
+    return torch.cat([count.to(rows.device), sums.flatten(), (rows * rows).sum().reshape(1)])
+
+
+def position_share(stats, num_keys):
+    """Share of the variance of the rows (summed over channels) explained by the frame index alone: the variance
+    between the per-frame means over the total, with the between-frame part corrected for the sampling noise of
+    the means (epsilon^2 of a one-way ANOVA: SS_between - (G - 1) * SS_within / (N - G)). Without the correction a
+    batch of B independent clips would show a share near 1/B with no position pattern at all (0.25 for the quick
+    start's 4 clips); with it, content gives ~0 at any batch size and a pure position pattern gives 1.
+    stats: position_sums summed over micro-batches and ranks. NaN when there are too few rows to tell."""
+    n = stats[:num_keys]
+    C = (stats.numel() - 1) // num_keys - 1
+    sums = stats[num_keys:num_keys * (C + 1)].view(num_keys, C)
+    N, G = n.sum(), (n > 0).sum()
+    if N - G < 1:
+        return float("nan")
+    grand = (sums.sum(0) ** 2).sum() / N
+    total = stats[-1] - grand
+    used = n > 0
+    between = ((sums[used] ** 2).sum(1) / n[used]).sum() - grand
+    within = total - between
+    if total <= 0:
+        return float("nan")
+    return float(((between - (G - 1) * within / (N - G)) / total).clamp(0.0, 1.0))
+
+
+def monitor_sums(full_target, pred, mask, padding_mask, max_frames):
+    """The position monitor's sums for one micro-batch, from tensors the step has anyway: the targets (B x T x C) at
+    every valid frame, the predictions (M x C) at the masked ones. Micro-batches and ranks add them."""
+    valid = torch.ones_like(mask) if padding_mask is None else ~padding_mask
+    frames = valid.sum(1)
+    return torch.cat([position_sums(full_target[valid], position_keys(valid, frames, max_frames), 2 * max_frames),
+                      position_sums(pred, position_keys(mask, frames, max_frames), 2 * max_frames)])
+
+
+def monitor_shares(sums, max_frames):
+    """(target_pos_share, pred_pos_share) from monitor_sums added over the global batch."""
+    half = sums.numel() // 2
+    return position_share(sums[:half], 2 * max_frames), position_share(sums[half:], 2 * max_frames)
+
+
 class CollapseError(RuntimeError):
     pass
 
 
-def check_collapse(step, target_std, pred_std):
+def collapse_check_start(warmup_steps):
+    """The first update the collapse checks look at: collapse_check_after, or when it is negative the end of the
+    learning-rate warm-up, at most 5000 (data2vec's value), so that the base recipe keeps the reference's 5k and a
+    300-update run is checked too."""
+    return collapse_check_after if collapse_check_after >= 0 else min(5000, warmup_steps)
+
+
+def check_collapse(step, target_std, pred_std, start):
     """Stop with a clear message when the representation has collapsed (data2vec's min_target_var/min_pred_var,
-    checked only after the first collapse_check_after updates). Every rank sees the same global figures."""
-    if step < collapse_check_after:
+    checked only from update `start`). Every rank sees the same global figures."""
+    if step < start:
         return
     if target_std < min_target_std or pred_std < min_pred_std:
         raise CollapseError(
@@ -210,17 +316,34 @@ def check_collapse(step, target_std, pred_std):
             f"resume from an earlier checkpoint; thresholds: --min_target_std / --min_pred_std.")
 
 
+def check_position_collapse(step, target_share, pred_share, start):
+    """Stop when frame position alone explains more than max_pos_share of the targets' or the predictions'
+    variance: the teacher then encodes where a frame sits in the crop, not what it holds, and the student learns
+    to copy that. data2vec's std checks cannot see it, because instance normalisation keeps the target std near 1."""
+    if step < start or max_pos_share >= 1.0:
+        return
+    worst = max(s for s in (target_share, pred_share) if not math.isnan(s)) \
+        if not (math.isnan(target_share) and math.isnan(pred_share)) else float("nan")
+    if worst > max_pos_share:
+        raise CollapseError(
+            f"step {step}: position collapse: frame position explains {target_share:.3f} of the target variance "
+            f"and {pred_share:.3f} of the predictions' (max {max_pos_share}); the teacher encodes where a frame sits "
+            f"in the crop, not what it holds. Vary the crop length (crop_seconds=(lo, hi)), lengthen the warm-up or "
+            f"lower the learning rate; threshold: --max_pos_share.")
+
+
 class Music2VecStudent(nn.Module):
     """The trained part: the encoder and the regression head (data2vec `final_proj`, Linear dim -> dim).
     forward returns the predictions at the masked frames and, for the teacher, the unmasked projected features."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, normalize=None):
         super().__init__()
         self.encoder = encoder
         self.final_proj = nn.Linear(encoder.cfg.dim, encoder.cfg.dim)
+        self.normalize = normalize  # None: the encoder's per-clip normalisation; False: the data is normalised
 
     def forward(self, wav, lengths, mask):
-        x, padding_mask, _ = self.encoder.embed(wav, lengths)
+        x, padding_mask, _ = self.encoder.embed(wav, lengths, normalize=self.normalize)
         teacher_input = x.detach()  # data2vec `pre_encoder_features`: before dropout_input and masking
         x = F.dropout(x, self.encoder.cfg.dropout_input, self.training)
         x = torch.where(mask[:, :, None], self.encoder.mask_emb.to(x.dtype), x)
@@ -239,6 +362,19 @@ def mask_for(batch_shape, frame_lengths, step, global_micro):
                      same_count=frame_lengths is None, generator=g)
 
 
+def cut_to_random_length(wav, lengths, step, global_micro):
+    """The micro-batch cut to a length drawn uniformly from [crop_seconds_min, its length] seconds, a pure function of
+    (seed, update, global micro-batch) like the masks. Not in fairseq: there, songs longer than the crop give every
+    batch the same length, so every frame index sits at the same distance from the crop's ends, where the
+    positional convs' zero padding leaves a pattern that no content moves; varying the length is one way to keep
+    the teacher's targets from becoming that pattern (see the position monitor)."""
+    n = wav.shape[1]
+    low = min(n, int(round(crop_seconds_min * 16000)))
+    key = np.random.SeedSequence([seed, step, global_micro, 1]).generate_state(1)
+    cut = int(np.random.default_rng(key).integers(low, n + 1))
+    return wav[:, :cut], None if lengths is None else lengths.clamp(max=cut)
+
+
 def training_flops_per_clip(cfg, num_samples):
     """Student forward + backward (~3x its forward) plus the teacher's forward, which skips the conv front end and
     projection (shared with the student)."""
@@ -255,17 +391,37 @@ def main():
         raise SystemExit(f"error: grad_accum={grad_accum} must be a multiple of the world size {info.world_size}")
     if not 1 <= top_k_layers <= layers:
         raise SystemExit(f"error: top_k_layers={top_k_layers} must be between 1 and layers={layers}")
+    if not 0 <= crop_seconds_min <= crop_seconds:
+        raise SystemExit(f"error: crop_seconds_min={crop_seconds_min} must be between 0 and "
+                         f"crop_seconds={crop_seconds}")
+    if waveform_norm not in ("file", "clip"):
+        raise SystemExit(f"error: waveform_norm={waveform_norm!r}: use file (whole-file statistics) or clip")
     accum = grad_accum // info.world_size
     use_cuda = info.device.startswith("cuda")
     autocast = training.autocast_context(info.device, dtype)
 
     # --- data: everything that can be wrong with it fails here, before the first update ---
     from data.audio import AudioError
-    from data.dataset import AudioClips, ClipBatchSampler, collate_crop, collate_pad, make_loader
+    from data.dataset import (AudioClips, ClipBatchSampler, collate_crop, collate_pad, default_stats_path,
+                              make_loader, whole_file_stats)
     from data.manifest import ManifestError, read_manifest
     try:
-        dataset = AudioClips(read_manifest(train_tsv), crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio,
-                             seed=seed)
+        manifest = read_manifest(train_tsv)
+        file_stats = errors = None
+        if waveform_norm == "file":
+            def all_gather(obj):
+                out = [None] * info.world_size
+                dist.all_gather_object(out, obj)
+                return out
+            file_stats, errors = whole_file_stats(manifest, file_stats_tsv or default_stats_path(train_tsv),
+                                                  max(1, num_workers), info.rank, info.world_size,
+                                                  all_gather if info.ddp else None, progress=master)
+            if errors and not skip_bad_audio:
+                first = errors[min(errors)]
+                raise SystemExit(f"error: {len(errors)} file(s) of {train_tsv} cannot be decoded, e.g. {first}\n"
+                                 f"set skip_bad_audio=True to leave them out, or fix the manifest")
+        dataset = AudioClips(manifest, crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio, seed=seed,
+                             file_stats=file_stats, file_stats_errors=errors)
     except (OSError, ManifestError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     sampler = ClipBatchSampler(dataset.lengths, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed,
@@ -276,13 +432,16 @@ def main():
     # --- student, teacher, optimizer ---
     conv_layers = tuple((conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS)
     enc_cfg = EncoderConfig.data2vec_base(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_layers=conv_layers,
-                                          dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop)
+                                          dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop,
+                                          feature_grad_mult=feature_grad_mult)
     torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
-    model = Music2VecStudent(Encoder(enc_cfg)).to(info.device)
+    # the checkpoint's encoder keeps normalize_waveform=True: loaded for inference it normalises each clip itself
+    model = Music2VecStudent(Encoder(enc_cfg), normalize=False if waveform_norm == "file" else None).to(info.device)
     # data2vec creates the teacher as a copy of the initial student (first set_num_updates call)
-    teacher = make_teacher(model.encoder.transformer)
+    ema_source = model.encoder.transformer if ema_transformer_only else model.encoder
+    teacher = make_teacher(ema_source)
     torch.manual_seed(seed + info.rank)  # dropout differs per rank; masks and crops do not depend on it
-    copied = copied_param_names(model.encoder.transformer)
+    copied = set() if ema_pos_conv else copied_param_names(ema_source)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=adam_eps,
                                   weight_decay=weight_decay)  # fairseq Adam: decoupled decay on every parameter
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -323,7 +482,9 @@ def main():
     interval = torch.zeros(2, dtype=torch.float64)  # loss sum, masked frames since the last log line
     from tqdm import tqdm
     progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    logger = training.TrainLogger(master, os.path.join(out_dir, "tb") if tensorboard else None, progress.write)
+    os.makedirs(out_dir, exist_ok=True)
+    logger = training.TrainLogger(master, os.path.join(out_dir, "tb") if tensorboard else None, progress.write,
+                                  jsonl_path=os.path.join(out_dir, "log.jsonl"))
 
     stream = training.BatchStream(loader, sampler, dataset, epoch, batch_in_epoch)
     if ckpt is not None:  # after the loader iterator: creating it draws from torch's RNG, as it did in the first run
@@ -332,6 +493,11 @@ def main():
         ckpt = None
 
     saved_step = step if ckpt_path else -1
+    check_from = collapse_check_start(int(warmup_frac * max_steps))
+    # the position monitor groups frames by their index in the crop: room for the longest crop
+    max_frames = int(raw_model.encoder.num_frames(int(round(crop_seconds * 16000))))
+    target_share = pred_share = float("nan")
+    pos_stats = torch.zeros(2 * (2 * max_frames * (1 + dim) + 1), dtype=torch.float64, device=info.device)
 
     def save():
         nonlocal saved_step
@@ -369,6 +535,8 @@ def main():
             for m in range(accum):
                 batch = stream.next()
                 wav, lengths = batch["wav"], batch["lengths"]
+                if crop_seconds_min > 0:
+                    wav, lengths = cut_to_random_length(wav, lengths, step, m * info.world_size + info.rank)
                 frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
                 mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,
                                 m * info.world_size + info.rank)
@@ -379,6 +547,9 @@ def main():
 
             # loss sum, masked frames, clips, samples, training FLOPs; then target and prediction std statistics
             stats = torch.zeros(5 + 2 * (1 + 2 * dim), dtype=torch.float64, device=info.device)
+            # the position monitor's sums (targets at every valid frame, predictions at the masked ones) are added
+            # up over the updates between two log lines and reduced over ranks on the logged update
+            watch = (step + 1) % log_interval == 0 or step + 1 == max_steps
             stats[1:5] = torch.tensor([float(masked), sum(w.shape[0] for w, _, _ in micro),
                                        sum(w.numel() for w, _, _ in micro),
                                        sum(w.shape[0] * training_flops_per_clip(enc_cfg, w.shape[1])
@@ -390,15 +561,30 @@ def main():
                     with autocast:
                         pred, teacher_input, padding_mask = model(wav, lengths, mask)
                         with torch.no_grad():  # data2vec: the teacher sees the unmasked features, in eval mode
-                            _, ffn_out = teacher(teacher_input, padding_mask, ffn_outputs=True)
-                    target = build_targets(ffn_out, padding_mask, top_k_layers)[mask]
+                            if ema_transformer_only:
+                                _, ffn_out = teacher(teacher_input, padding_mask, ffn_outputs=True)
+                            else:
+                                ffn_out = teacher(wav, lengths, ffn_outputs=True, normalize=raw_model.normalize).ffn
+                    full_target = build_targets(ffn_out, padding_mask, top_k_layers, instance_norm_target_layer,
+                                                layer_norm_target_layer)
+                    # the monitor reads the teacher's targets as they come (before any centering)
+                    teacher_target = full_target
+                    if center_targets:
+                        full_target = center_by_position(
+                            full_target, torch.ones_like(mask) if padding_mask is None else ~padding_mask,
+                            max_frames)
+                    target = full_target[mask]
                     loss_sum = regression_loss(pred, target, loss_beta).sum()
                     # fairseq: regression sum / global sample_size; DDP averages over ranks, hence world_size
                     (loss_sum * (info.world_size / max(global_masked, 1.0))).backward()
                 stats[0] += loss_sum.detach().double()
                 stats[5:] += torch.cat([std_stats(target), std_stats(pred)])
+                pos_stats += monitor_sums(teacher_target, pred, mask, padding_mask, max_frames)
             stats = training.all_reduce_sum(stats).cpu()
             target_std, pred_std = channel_std(stats[5:6 + 2 * dim]), channel_std(stats[6 + 2 * dim:])
+            if watch:
+                target_share, pred_share = monitor_shares(training.all_reduce_sum(pos_stats).cpu(), max_frames)
+                pos_stats.zero_()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
             finite = math.isfinite(stats[0].item()) and bool(torch.isfinite(grad_norm))
             applied = guard.ok(finite, step)
@@ -408,20 +594,25 @@ def main():
             step += 1
             decay = ema_decay_at(step)
             if applied:  # data2vec: one EMA step per optimizer update, after it
-                ema_update(teacher, raw_model.encoder.transformer, decay, copied)
+                ema_update(teacher, raw_model.encoder.transformer if ema_transformer_only else raw_model.encoder,
+                           decay, copied)
             progress.update(1)
             if finite:
                 interval += stats[:2]
-                check_collapse(step, target_std, pred_std)
             meter.add(int(stats[2]), int(stats[3]), float(stats[4]))
 
             if step % log_interval == 0 or step == max_steps:
                 metrics = {"loss": interval[0].item() / max(interval[1].item(), 1.0), "target_std": target_std,
-                           "pred_std": pred_std, "ema": decay, "lr": lr, "grad_norm": float(grad_norm)}
+                           "pred_std": pred_std, "target_pos_share": target_share, "pred_pos_share": pred_share,
+                           "ema": decay, "lr": lr, "grad_norm": float(grad_norm)}
                 metrics.update(meter.read(peak_total))
                 metrics["skipped"] = guard.total
                 logger.log(step, metrics)
                 interval.zero_()
+            if finite:  # after the log line, so that the figures that stop a run are in the log
+                check_collapse(step, target_std, pred_std, check_from)
+                if watch:
+                    check_position_collapse(step, target_share, pred_share, check_from)
             if step % ckpt_interval == 0 or step == max_steps:
                 save()
     except AudioError as e:

@@ -6,15 +6,21 @@ in step with the audio. What we add: the crop offset is a pure function of (seed
 reproducible whatever the number of workers; only the cropped part of a file is decoded; the batch sampler can skip
 the batches a resumed run already consumed in the current epoch.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script (the `stats` command): make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import glob
 import logging
 import math
-import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.audio import SAMPLE_RATE, AudioError, load_audio
+from data.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -66,18 +72,194 @@ def crop_labels(labels, offset, num_samples, label_rate):
     return labels[start:start + length]
 
 
+# ------------------------------------------------------------------------------------- whole-file normalisation
+# fairseq's data2vec normalises each *file* to zero mean and unit variance before cropping (RawAudioDataset
+# `normalize`: F.layer_norm over the whole waveform). A crop normalised on its own would blow the quiet intro of a
+# song up to the loudness of its chorus. Decoding the whole file at every step to get its statistics would cost
+# far more than the crop, so they are computed once per manifest line and cached in a file next to the manifest
+# (`<manifest>.stats` style, see default_stats_path):
+#   line 1: the manifest's root folder; then one line per file: rel_path <TAB> num_samples <TAB> mean <TAB> std
+# Several ranks share the work (split by audio duration so they finish together), each appending its results to
+# its own `<stats>.part<rank>` as it goes, so an interrupted pass resumes where it stopped; the merged file is
+# written atomically. A line is reused only when its path and sample count match the manifest.
+
+WAVEFORM_NORM_EPS = 1e-5  # F.layer_norm's eps, which data2vec's per-utterance normalisation uses
+
+
+def file_mean_std(path, block_seconds=60.0):
+    """(mean, population std) of all of a file's samples as load_audio returns them (mono, 16 kHz), read in blocks
+    so that an hour-long recording never sits in memory. Blocks are merged with Chan et al.'s pairwise update in
+    float64 (no sum-of-squares cancellation when the file has a DC offset)."""
+    total = audio_info(path)[0]
+    block = max(1, int(block_seconds * SAMPLE_RATE))
+    n, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, total, block):
+        x = load_audio(path, start=start, frames=block).astype(np.float64)
+        nb, mb = len(x), float(x.mean())
+        m2b = float(((x - mb) ** 2).sum())
+        delta, n_new = mb - mean, n + nb
+        mean += delta * nb / n_new
+        m2 += m2b + delta * delta * n * nb / n_new
+        n = n_new
+    return mean, math.sqrt(m2 / n)
+
+
+def normalize_with(wav, mean, std):
+    """(wav - mean) / sqrt(std^2 + eps): the whole file's normalisation applied to a crop of it."""
+    return ((wav - mean) / math.sqrt(std * std + WAVEFORM_NORM_EPS)).astype(np.float32)
+
+
+def default_stats_path(manifest_path):
+    """train.tsv -> train.stats.tsv, next to the manifest."""
+    base, ext = os.path.splitext(str(manifest_path))
+    return base + ".stats" + (ext or ".tsv")
+
+
+def _parse_stats_line(line):
+    cols = line.rstrip("\n").rstrip("\r").split("\t")
+    if len(cols) != 4:
+        raise ValueError(f"expected 4 tab-separated columns, found {len(cols)}")
+    return cols[0], int(cols[1]), float(cols[2]), float(cols[3])
+
+
+def read_file_stats(stats_path, root, entries):
+    """N x 2 float64 [mean, std] per manifest entry from the stats file and any partial files of an interrupted
+    pass; NaN where a line is missing, has another root, or names another sample count (a changed file).
+    A malformed line in the stats file is an error naming it; in a partial file (a kill mid-write) it is ignored."""
+    index = {(rel, n): i for i, (rel, n) in enumerate(entries)}
+    out = np.full((len(entries), 2), np.nan)
+    for path in [stats_path] + sorted(glob.glob(glob.escape(stats_path) + ".part*")):
+        if not os.path.isfile(path):
+            continue
+        partial = path != stats_path
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        if not lines or lines[0].rstrip("\r") != root:
+            continue  # statistics of another folder's files
+        for lineno, line in enumerate(lines[1:], start=2):
+            if not line:
+                continue
+            try:
+                rel, n, mean, std = _parse_stats_line(line)
+            except ValueError as e:
+                if partial:
+                    continue
+                raise ValueError(f"{path}:{lineno}: {e}; delete the file to recompute the statistics") from None
+            i = index.get((rel, n))
+            if i is not None and math.isfinite(mean) and math.isfinite(std) and std >= 0:
+                out[i] = mean, std
+    return out
+
+
+def _stats_job(args):
+    i, path = args
+    try:
+        return i, file_mean_std(path), None
+    except AudioError as e:
+        return i, None, str(e)
+
+
+def split_by_duration(indices, num_samples, parts):
+    """Indices dealt into `parts` lists of near-equal total duration (longest first, each to the lightest part),
+    so that ranks computing statistics finish together."""
+    load = np.zeros(parts)
+    out = [[] for _ in range(parts)]
+    for i in sorted(indices, key=lambda i: (-int(num_samples[i]), i)):
+        p = int(np.argmin(load))
+        out[p].append(int(i))
+        load[p] += num_samples[i]
+    return out
+
+
+def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_gather=None, progress=True):
+    """[mean, std] of every file of `manifest` (a .tsv path or (root, entries)), N x 2 float64 aligned with its
+    entries, computed once and cached in `stats_path`; NaN for files that could not be decoded, with the reasons
+    in the second return value {index: reason}.
+
+    With several ranks, pass rank, world_size and all_gather (a function taking this rank's object and returning
+    the list of every rank's, e.g. torch.distributed.all_gather_object; every rank must call this function): rank
+    0's view of the cache decides what is missing, each rank computes its share in `workers` processes, and rank 0
+    writes the merged file. Every rank returns the same result."""
+    root, entries = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else manifest
+    folder = os.path.dirname(os.path.abspath(stats_path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise OSError(f"{stats_path}: cannot write whole-file statistics there (folder missing or read-only); "
+                      f"give a writable path (pretrain_music2vec.py --file_stats_tsv=..., data/dataset.py stats "
+                      f"--out ...)")
+    known = read_file_stats(stats_path, root, entries)
+    if world_size > 1:  # ranks on other nodes may not see the same files: all split rank 0's list of missing lines
+        known = all_gather(known)[0]
+    todo = np.flatnonzero(np.isnan(known[:, 0]))
+    lengths = np.array([n for _, n in entries], dtype=np.int64)
+    mine = split_by_duration(todo, lengths, world_size)[rank]
+    found, failed = {}, {}
+    part = f"{stats_path}.part{rank}"
+    if mine:
+        from multiprocessing import Pool
+        from tqdm import tqdm
+        jobs = [(i, os.path.join(root, entries[i][0])) for i in mine]
+        hours = lengths[mine].sum() / SAMPLE_RATE / 3600
+        bar = tqdm(total=len(jobs), unit="file", disable=not progress or rank != 0,
+                   desc=f"whole-file statistics ({hours:.2f} h on rank {rank})")
+        new_part = not os.path.exists(part)
+        pool = Pool(workers) if workers > 1 and len(jobs) > 1 else None
+        try:
+            results = map(_stats_job, jobs) if pool is None else pool.imap_unordered(_stats_job, jobs, chunksize=4)
+            with open(part, "a", encoding="utf-8") as f:  # appended as they come: a killed pass resumes from here
+                if new_part:
+                    f.write(root + "\n")
+                for i, stats, error in results:
+                    if error is None:
+                        found[i] = stats
+                        f.write(f"{entries[i][0]}\t{entries[i][1]}\t{float(stats[0])!r}\t{float(stats[1])!r}\n")
+                        f.flush()
+                    else:
+                        failed[i] = error
+                    bar.update()
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+            bar.close()
+    if world_size > 1:
+        gathered = all_gather((found, failed))
+        found, failed = {}, {}
+        for fo, fa in gathered:
+            found.update(fo)
+            failed.update(fa)
+    for i, stats in found.items():
+        known[i] = stats
+    if found and rank == 0:
+        tmp = f"{stats_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(root + "\n")
+            for i, (rel, n) in enumerate(entries):
+                if not np.isnan(known[i, 0]):
+                    f.write(f"{rel}\t{n}\t{float(known[i, 0])!r}\t{float(known[i, 1])!r}\n")
+        os.replace(tmp, stats_path)
+    if world_size > 1:
+        all_gather(None)  # the merged file exists before any rank drops its partial results
+    if found:
+        for path in glob.glob(glob.escape(stats_path) + ".part*") if rank == 0 else [part]:
+            if os.path.exists(path):
+                os.remove(path)
+    return known, failed
+
+
 class AudioClips(Dataset):
     """Clips of a manifest, each randomly cropped to at most crop_seconds.
 
     item = (index, waveform float32 tensor, crop offset in samples, label int64 tensor or None); the labels are
     fairseq's crop for the waveform plus up to 2 spare labels that collate_crop / collate_pad cut off
     manifest: a .tsv path or a (root, entries) pair. labels: a .km path or a list from load_labels (aligned with
-    the full manifest). crop_seconds=None returns whole clips. Call set_epoch(e) before each epoch (before the
+    the full manifest). file_stats: None, or [mean, std] per manifest entry (whole_file_stats) to normalise every
+    crop with its whole file's statistics (fairseq's data2vec; NaN rows are unreadable files). crop_seconds=None
+    returns whole clips. Call set_epoch(e) before each epoch (before the
     DataLoader starts its workers: make_loader does not keep workers alive between epochs, so they see it).
     """
 
     def __init__(self, manifest, crop_seconds, min_seconds=2.0, labels=None, label_rate=None, skip_bad_audio=False,
-                 seed=0):
+                 seed=0, file_stats=None, file_stats_errors=None):
         is_path = isinstance(manifest, (str, os.PathLike))
         root, entries = read_manifest(manifest) if is_path else manifest
         self.name = str(manifest) if is_path else root
@@ -100,6 +282,11 @@ class AudioClips(Dataset):
         self.paths = [entries[i][0] for i in keep]
         self.num_samples = np.array([entries[i][1] for i in keep], dtype=np.int64)
         self.labels = None if labels is None else [labels[i] for i in keep]
+        if file_stats is not None and len(file_stats) != len(entries):
+            raise ValueError(f"{len(file_stats)} whole-file statistics for {len(entries)} manifest entries")
+        self.file_stats = None if file_stats is None else np.asarray(file_stats, dtype=np.float64)[keep]
+        errors = file_stats_errors or {}
+        self.file_stats_errors = {j: errors[i] for j, i in enumerate(keep) if i in errors}
         self.label_rate = label_rate
         self.crop_samples = None if crop_seconds is None else int(round(crop_seconds * SAMPLE_RATE))
         self.min_samples = min_samples
@@ -128,7 +315,14 @@ class AudioClips(Dataset):
 
     def _load(self, index):
         offset = self.crop_offset(index)
-        wav = load_audio(os.path.join(self.root, self.paths[index]), start=offset, frames=self.crop_samples)
+        path = os.path.join(self.root, self.paths[index])
+        if self.file_stats is not None and np.isnan(self.file_stats[index, 0]):
+            reason = self.file_stats_errors.get(index, "not computed")
+            reason = reason[len(path) + 2:] if reason.startswith(path + ": ") else reason
+            raise AudioError(f"{path}: no whole-file statistics ({reason})")
+        wav = load_audio(path, start=offset, frames=self.crop_samples)
+        if self.file_stats is not None:
+            wav = normalize_with(wav, *self.file_stats[index])
         labels = None
         if self.labels is not None:
             # fairseq's crop of the labels, plus 2 spare labels past its end: the batch crop (collate_crop) takes
@@ -295,3 +489,30 @@ def make_loader(dataset, sampler, collate=collate_crop, num_workers=4, seed=0):
                       worker_init_fn=functools.partial(_seed_worker, seed) if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def main(argv=None):
+    """python data/dataset.py stats MANIFEST [--out PATH] [--workers N]: compute (or complete) the whole-file
+    statistics cache before a run, e.g. on a CPU node; pretrain_music2vec.py then finds them."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__.split(":", 1)[1].strip())
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stats", help="whole-file mean and std of every file of a manifest, cached")
+    st.add_argument("manifest")
+    st.add_argument("--out", default=None, help="default: next to the manifest (train.tsv -> train.stats.tsv)")
+    st.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    a = p.parse_args(argv)
+    out = a.out or default_stats_path(a.manifest)
+    try:
+        stats, errors = whole_file_stats(a.manifest, out, workers=a.workers)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{int((~np.isnan(stats[:, 0])).sum())} of {len(stats)} files -> {out}")
+    for i, reason in sorted(errors.items()):
+        print(f"unreadable: {reason}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

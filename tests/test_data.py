@@ -12,7 +12,8 @@ from scipy.signal import resample_poly
 
 from data.audio import AudioError, audio_info, load_audio
 from data.dataset import (AudioClips, ClipBatchSampler, LabelError, collate_crop, collate_pad, crop_labels,
-                          load_labels, make_loader)
+                          default_stats_path, file_mean_std, load_labels, make_loader, read_file_stats,
+                          split_by_duration, whole_file_stats)
 from data.manifest import ManifestError, build_manifest, read_manifest, write_manifest
 from data.synth import FAMILIES, make_instrument, midi_to_hz, render_note, write_corpus, write_nsynth
 
@@ -274,6 +275,151 @@ def test_skip_bad_audio_replaces_deterministically(tmp_path):
     first = ds[1]
     assert first[0] != 1 and ds.num_bad >= 1
     assert ds[1][0] == first[0]
+
+
+# ------------------------------------------------------------------------------------- whole-file normalisation
+def _loud_quiet_corpus(tmp_path):
+    """A 6 s file: 3 s of noise at 0.5 then 3 s at 0.01 (a chorus and a quiet intro, reversed), and two others."""
+    rng = np.random.default_rng(0)
+    loud_quiet = np.concatenate([0.5 * rng.standard_normal(48000), 0.01 * rng.standard_normal(48000)]) + 0.2
+    sf.write(tmp_path / "a.wav", loud_quiet.astype(np.float32), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "b.wav", (0.1 * rng.standard_normal(40000)).astype(np.float32), 16000, subtype="FLOAT")
+    # 44.1 kHz stereo: the statistics are those of what load_audio returns (mono, resampled)
+    sf.write(tmp_path / "c.wav", (0.3 * rng.standard_normal((44100 * 3, 2))).astype(np.float32), 44100,
+             subtype="FLOAT")
+    entries = [(name, audio_info(tmp_path / name)[0]) for name in ("a.wav", "b.wav", "c.wav")]
+    write_manifest(tmp_path / "train.tsv", str(tmp_path), entries)
+    return str(tmp_path / "train.tsv"), loud_quiet
+
+
+def test_file_mean_std_reads_blocks_and_equals_the_whole_file(tmp_path):
+    tsv, _ = _loud_quiet_corpus(tmp_path)
+    for name in ("a.wav", "c.wav"):
+        whole = load_audio(tmp_path / name).astype(np.float64)
+        mean, std = file_mean_std(tmp_path / name, block_seconds=0.7)  # several blocks, the last one short
+        assert mean == pytest.approx(whole.mean(), rel=1e-9, abs=1e-12)
+        assert std == pytest.approx(whole.std(), rel=1e-9)
+
+
+def test_crop_of_the_quiet_half_keeps_the_whole_files_scale(tmp_path):
+    tsv, loud_quiet = _loud_quiet_corpus(tmp_path)
+    stats, errors = whole_file_stats(tsv, default_stats_path(tsv), progress=False)
+    assert not errors and stats.shape == (3, 2)
+    ds = AudioClips(tsv, crop_seconds=2.0, seed=0, file_stats=stats)
+    quiet, loud = None, None
+    for epoch in range(40):  # find a crop inside each half
+        ds.set_epoch(epoch)
+        _, wav, offset, _ = ds[0]
+        if offset >= 48000:
+            quiet = (wav.numpy(), offset)
+        elif offset + 32000 <= 48000:
+            loud = (wav.numpy(), offset)
+    assert quiet is not None and loud is not None
+    mean, std = loud_quiet.mean(), loud_quiet.std()
+    for wav, offset in (quiet, loud):
+        np.testing.assert_allclose(wav, (loud_quiet[offset:offset + 32000] - mean) / np.sqrt(std ** 2 + 1e-5),
+                                   rtol=1e-4, atol=1e-5)
+    # the quiet half stays quiet (per-crop normalisation would have blown it up to std 1) and the file as a whole
+    # has zero mean and unit variance
+    assert quiet[0].std() == pytest.approx(0.01 / std, rel=0.1) and quiet[0].std() < 0.05
+    assert loud[0].std() == pytest.approx(0.5 / std, rel=0.1)
+    plain = AudioClips(tsv, crop_seconds=2.0, seed=0)  # without statistics: the file's samples as they are
+    plain.set_epoch(0)
+    ds.set_epoch(0)
+    np.testing.assert_allclose(ds[0][1].numpy(), (plain[0][1].numpy() - mean) / np.sqrt(std ** 2 + 1e-5),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_whole_file_stats_are_cached_resumed_and_refreshed(tmp_path, monkeypatch):
+    import data.dataset as dataset
+    tsv, _ = _loud_quiet_corpus(tmp_path)
+    path = default_stats_path(tsv)
+    assert path == str(tmp_path / "train.stats.tsv")
+    computed = []
+    real = dataset.file_mean_std
+    monkeypatch.setattr(dataset, "file_mean_std", lambda p: computed.append(os.path.basename(p)) or real(p))
+    first, _ = whole_file_stats(tsv, path, progress=False)
+    assert sorted(computed) == ["a.wav", "b.wav", "c.wav"]
+    assert not any(name.startswith("train.stats.tsv.") for name in os.listdir(tmp_path))  # partials merged
+    lines = open(path).read().splitlines()
+    assert lines[0] == str(tmp_path) and lines[1].startswith("a.wav\t96000\t")
+    computed.clear()
+    again, _ = whole_file_stats(tsv, path, progress=False)  # cached: nothing is decoded
+    assert computed == [] and np.array_equal(first, again)
+    # an interrupted pass: the stats file lost b and c; a partial file from the killed run still has c (and a
+    # half-written line); a changed file (other sample count) is recomputed
+    with open(path, "w") as f:
+        f.write(lines[0] + "\n" + lines[1] + "\n")
+    with open(path + ".part0", "w") as f:
+        f.write(lines[0] + "\n" + lines[3] + "\n" + "b.wav\t400")
+    resumed, _ = whole_file_stats(tsv, path, progress=False)
+    assert computed == ["b.wav"] and np.array_equal(resumed, first)
+    root, entries = read_manifest(tsv)
+    write_manifest(tsv, root, [entries[0], ("b.wav", entries[1][1] + 1), entries[2]])
+    computed.clear()
+    whole_file_stats(tsv, path, progress=False)
+    assert computed == ["b.wav"]
+    with open(path, "a") as f:
+        f.write("junk line\n")
+    with pytest.raises(ValueError, match=r"train.stats.tsv:5: expected 4 tab-separated columns"):
+        read_file_stats(path, root, entries)
+
+
+def test_whole_file_stats_split_over_ranks(tmp_path, monkeypatch):
+    """Two ranks (threads with an all_gather made of a barrier): each file is decoded once, by one rank, and both
+    ranks return the same statistics."""
+    import threading
+    import data.dataset as dataset
+    tsv, _ = _loud_quiet_corpus(tmp_path)
+    assert split_by_duration([0, 1, 2], [96000, 40000, 48000], 2) == [[0], [2, 1]]
+    computed = []
+    real = dataset.file_mean_std
+    monkeypatch.setattr(dataset, "file_mean_std", lambda p: computed.append(os.path.basename(p)) or real(p))
+    slots, barrier = [None, None], threading.Barrier(2)
+
+    def make_all_gather(rank):
+        def all_gather(obj):
+            barrier.wait()
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+        return all_gather
+
+    results = [None, None]
+
+    def rank_main(rank):
+        results[rank] = whole_file_stats(tsv, default_stats_path(tsv), rank=rank, world_size=2,
+                                         all_gather=make_all_gather(rank), progress=False)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(computed) == ["a.wav", "b.wav", "c.wav"]
+    assert np.array_equal(results[0][0], results[1][0]) and not np.isnan(results[0][0]).any()
+    single, _ = whole_file_stats(tsv, str(tmp_path / "single.tsv"), progress=False)
+    np.testing.assert_allclose(results[0][0], single, rtol=1e-12)
+
+
+def test_whole_file_stats_name_unreadable_files(tmp_path):
+    tsv, _ = _loud_quiet_corpus(tmp_path)
+    (tmp_path / "b.wav").write_bytes(b"garbage")
+    stats, errors = whole_file_stats(tsv, default_stats_path(tsv), progress=False)
+    assert list(errors) == [1] and "b.wav" in errors[1] and np.isnan(stats[1]).all()
+    assert "b.wav" not in open(default_stats_path(tsv)).read()  # failures are not cached: a fixed file is retried
+    with pytest.raises(AudioError, match=r"b.wav: no whole-file statistics \(unreadable"):
+        AudioClips(tsv, crop_seconds=1.0, file_stats=stats, file_stats_errors=errors)[1]
+    skipping = AudioClips(tsv, crop_seconds=1.0, file_stats=stats, file_stats_errors=errors, skip_bad_audio=True)
+    assert skipping[1][0] != 1
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):  # (root ignores permissions)
+        with pytest.raises(OSError, match="cannot write whole-file statistics there"):
+            whole_file_stats(tsv, str(read_only / "s.tsv"), progress=False)
 
 
 def _items(ds, indices):

@@ -141,6 +141,9 @@ def test_loss_falls_and_accuracy_beats_chance(corpus, tmp_path):
           f"majority class {majority:.3f})")
     assert last < first - 0.4
     assert acc > acc_first + 0.05 and acc > 3.0 / K and acc > majority + 0.03
+    # the logged label-frequency baseline is that majority rate, measured on the scored (masked) frames
+    acc_base = np.mean([log[s]["acc_base"] for s in range(1, 61)])
+    assert abs(acc_base - majority) < 0.03 and acc > np.mean([log[s]["acc_base"] for s in range(51, 61)]) + 0.03
 
 
 def test_kill_and_resume_gives_identical_losses(corpus, tmp_path):
