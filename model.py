@@ -138,6 +138,16 @@ class ConvLayer(nn.Module):
         self.norm = nn.GroupNorm(c_out, c_out) if norm == "group" else nn.LayerNorm(c_out) if norm == "layer" else None
 
 
+def receptive_field(conv_layers):
+    """(receptive field, stride) in samples of a stack of unpadded convs' output frames: 400 and 320 for fairseq's
+    conv_feature_layers (every model here), so frame j sees samples [320 j, 320 j + 400) of its input."""
+    field, stride = 1, 1
+    for _, kernel, s in conv_layers:
+        field += (kernel - 1) * stride
+        stride *= s
+    return field, stride
+
+
 class FeatureExtractor(nn.Module):
     def __init__(self, cfg):
         super().__init__()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from madmom.features.beats import DBNBeatTrackingProcessor
 
 from data.audio import SAMPLE_RATE, AudioError, audio_info
+from model import receptive_field
 from probe_features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, cache_key, encode, prefetch,
                             read_16k, rows_of, store_path, znorm_)
 from probe_heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results
@@ -88,16 +89,6 @@ def _probe():
 
 # ------------------------------------------------------------------------------------------------------------------
 # frames
-
-def receptive_field(conv_layers):
-    """(receptive field, stride) in samples of the conv front end's output frames: 400 and 320 for every model here
-    (fairseq's conv_feature_layers), so frame j sees samples [320 j, 320 j + 400) of its input."""
-    field, stride = 1, 1
-    for _, kernel, s in conv_layers:
-        field += (kernel - 1) * stride
-        stride *= s
-    return field, stride
-
 
 def track_windows(num_samples, ext, stride):
     """[(start, stop)] sample ranges covering the track: `window` seconds each (a multiple of the stride), a last

@@ -60,11 +60,12 @@ NSYNTH_FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "or
                    "synth_lead", "vocal"]
 
 
-def read_nsynth(root, target):
+def read_nsynth(root, target, splits=("train", "valid", "test")):
     """target: "instrument" (11 families, MARBLE's order) or "pitch" (MIDI pitch 0..127 as the class).
-    MARBLE uses pitch - 1 as the class; the shift changes no accuracy and would make MIDI 0 negative, so we don't."""
+    MARBLE uses pitch - 1 as the class; the shift changes no accuracy and would make MIDI 0 negative, so we don't.
+    splits: the folders read (analyze.py reads one split; the probe needs all three)."""
     clips = []
-    for split in ("train", "valid", "test"):
+    for split in splits:
         folder = os.path.join(root, f"nsynth-{split}")
         meta_path = _need(os.path.join(folder, "examples.json"), f"NSynth's nsynth-{split}/examples.json",
                           NSYNTH_SOURCE)
