@@ -14,7 +14,6 @@ same batch, alternating them so that load from other processes hits all alike, a
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,32 +21,17 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import pretrain_music2vec as m2v  # noqa: E402
-from bench.step import make_music2vec, timed  # noqa: E402
-from model import BASE_CONV_LAYERS, span_mask  # noqa: E402
+from bench.step import encoder_args, make_music2vec, setup, timed  # noqa: E402
+from model import span_mask  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clips", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--conv_channels", type=int, default=64)
+    encoder_args(ap, clips=4, seconds=3.0, steps=5, threads=1, layers=4, dim=256, heads=4, ffn=1024, conv_channels=64)
     ap.add_argument("--top_k", type=int, default=3)
     ap.add_argument("--log_interval", type=int, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = args.device
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    size = dict(layers=args.layers, dim=args.dim, heads=args.heads, ffn=args.ffn,
-                conv_layers=tuple((args.conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS))
-    wav = torch.randn(args.clips, int(args.seconds * 16000), device=device)
+    device, sync, size, wav = setup(args)
     student, step, _ = make_music2vec(size, device)
     T = student.encoder.num_frames(wav.shape[1])
     mask = span_mask((args.clips, T), 0.65, 10, min_masks=1, generator=torch.Generator().manual_seed(0)).to(device)

@@ -104,27 +104,37 @@ def timed(fn, sync):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clips", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--ffn", type=int, default=3072)
-    ap.add_argument("--conv_channels", type=int, default=512, help="conv front-end channels (both objectives)")
+def encoder_args(ap, clips, seconds, steps, threads, layers, dim, heads, ffn, conv_channels):
+    """The arguments every step benchmark takes (batch, thread count, encoder size, device), with its defaults."""
+    ap.add_argument("--clips", type=int, default=clips)
+    ap.add_argument("--seconds", type=float, default=seconds)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--dim", type=int, default=dim)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--ffn", type=int, default=ffn)
+    ap.add_argument("--conv_channels", type=int, default=conv_channels, help="conv front-end channels")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+
+
+def setup(args):
+    """Threads and seed set; returns (device, sync, encoder size overrides, a random batch)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     size = dict(layers=args.layers, dim=args.dim, heads=args.heads, ffn=args.ffn,
                 conv_layers=tuple((args.conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS))
+    return device, sync, size, torch.randn(args.clips, int(args.seconds * 16000), device=device)
 
-    wav = torch.randn(args.clips, int(args.seconds * 16000), device=device)
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    encoder_args(ap, clips=2, seconds=5.0, steps=3, threads=2, layers=12, dim=768, heads=12, ffn=3072,
+                 conv_channels=512)
+    args = ap.parse_args()
+    device, sync, size, wav = setup(args)
     d2v_model, d2v_step, d2v_forward = make_music2vec(size, device)
     hub_model, hub_step, hub_forward = make_musichubert(size, device)
     w2v_model, w2v_step, w2v_forward = make_wav2vec2(size, device)
