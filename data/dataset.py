@@ -241,8 +241,10 @@ def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_
         all_gather(None)  # the merged file exists before any rank drops its partial results
     if found:
         for path in glob.glob(glob.escape(stats_path) + ".part*") if rank == 0 else [part]:
-            if os.path.exists(path):
+            try:
                 os.remove(path)
+            except FileNotFoundError:  # the other rank removed it first (rank 0 also clears stale parts)
+                pass
     return known, failed
 
 

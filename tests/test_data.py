@@ -398,6 +398,7 @@ def test_whole_file_stats_split_over_ranks(tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join(60)
+    assert all(r is not None for r in results), "a rank raised: see the thread's exception above"
     assert sorted(computed) == ["a.wav", "b.wav", "c.wav"]
     assert np.array_equal(results[0][0], results[1][0]) and not np.isnan(results[0][0]).any()
     single, _ = whole_file_stats(tsv, str(tmp_path / "single.tsv"), progress=False)
