@@ -109,7 +109,7 @@ def check_configs():
     scale = [ref.abs().max().item()] + [g.abs().max().item() for g in ref_grads]
     record("configs", "reference", gpu=gpu_name(), shape=[B, H, T, D], lengths=lengths, p=p,
            keep_rate=keep_rate, keep_rate_ok=abs(keep_rate - (1 - p)) < keep_tol)
-    elt, dim_class = 2, 64 if D <= 64 else 128
+    elt, dim_class = 2, attn.dim_class(D)
     for kind in attn.KINDS:
         for config in attn.CONFIGS[(kind, elt, dim_class)][:1 if args.small else None]:  # --small: the first only
             if out_of_time():

@@ -302,7 +302,7 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------ configs
 
 # Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M = query rows and BLOCK_N = key rows of
-# a tile, per kernel, input element size (2: fp16/bf16, 4: fp32 as 3xTF32) and head dim (<= 64, 128). Chosen from
+# a tile, per kernel, input element size (2: fp16/bf16, 4: fp32 as 3xTF32) and head-dim class (dim_class). Chosen from
 # kernels/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200) with dropout (the variant with more
 # registers live): none asks for more shared memory than the GPU has or spills more than
 # compile_check.MAX_SPILL_BYTES per thread, and tests/test_kernels_compile.py recompiles them (`--full`: every dtype,
@@ -324,6 +324,17 @@ CONFIGS = {
     ("dq", 4, 64): [(64, 16, 4, 2), (32, 32, 4, 2)],
     ("dq", 4, 128): [(32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
 }
+# Head dims 16 and 32 take the <= 64 tables without two candidates the full compile sweep rejected there: the
+# (128, 128) forward, whose dropout costs 2.3-2.5x the instructions of the forward without at these widths (little
+# matmul work per score), and fp32 dK/dV at (32, 32, 8 warps), which spills 144 B/thread on sm_90 at head dim 32.
+CONFIGS.update({
+    ("fwd", 2, 32): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    ("fwd", 4, 32): CONFIGS[("fwd", 4, 64)],
+    ("dkdv", 2, 32): CONFIGS[("dkdv", 2, 64)],
+    ("dkdv", 4, 32): [(16, 32, 4, 2), (32, 16, 4, 2)],
+    ("dq", 2, 32): CONFIGS[("dq", 2, 64)],
+    ("dq", 4, 32): CONFIGS[("dq", 4, 64)],
+})
 KINDS = ("fwd", "dkdv", "dq")
 
 # The GPU whose limits the configs are planned for: kernels.gpu_limits (kernels/__init__.py).
@@ -350,11 +361,16 @@ def shared_memory_estimate(kind, config, elt, head_dim, dropout, arch):
 _SAID = set()
 
 
+def dim_class(head_dim):
+    """The CONFIGS key for a head dim: 32 (16, 32), 64 or 128."""
+    return 32 if head_dim <= 32 else 64 if head_dim <= 64 else 128
+
+
 def kernel_configs(kind, device, dtype, head_dim, dropout):
     """The candidates of CONFIGS that fit this device for these inputs (empty if none does)."""
     elt = dtype.itemsize
     arch, max_shared = kernels.gpu_limits(device)
-    return [c for c in CONFIGS[(kind, elt, 64 if head_dim <= 64 else 128)]
+    return [c for c in CONFIGS[(kind, elt, dim_class(head_dim))]
             if shared_memory_estimate(kind, c, elt, head_dim, dropout, arch) <= max_shared]
 
 
