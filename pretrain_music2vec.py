@@ -18,7 +18,6 @@ import math
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -196,14 +195,11 @@ def build_targets(ffn_outputs, padding_mask, top_k, instance_norm=True, layer_no
 def center_by_position(target, valid, max_frames):
     """target minus the mean over the micro-batch's clips of the targets at the same position key (position_keys):
     what frame position alone predicts is taken out of the targets, so that it cannot be learnt from them."""
-    lengths = valid.sum(1)
-    keys = position_keys(valid, lengths, max_frames)
+    keys = position_keys(valid, valid.sum(1), max_frames)
     rows = target[valid]
-    C = rows.shape[1]
-    sums = torch.zeros(2 * max_frames, C, dtype=rows.dtype, device=rows.device).index_add_(0, keys, rows)
-    count = torch.bincount(keys, minlength=2 * max_frames).clamp_min(1).to(rows.dtype)
+    count, sums = key_sums(rows, keys, 2 * max_frames)
     out = torch.zeros_like(target)
-    out[valid] = rows - (sums / count[:, None])[keys]
+    out[valid] = rows - (sums / count.clamp_min(1)[:, None])[keys]
     return out
 
 
@@ -249,10 +245,14 @@ def position_sums(rows, keys, num_keys):
     """What position_share needs from some rows (M x C) with position keys (M), as one float64 vector [rows per key
     (num_keys), sum per key (num_keys x C), sum of squares] that micro-batches and ranks add."""
     rows = rows.detach().double()
-    C = rows.shape[1]
-    count = torch.bincount(keys, minlength=num_keys).double()
-    sums = torch.zeros(num_keys, C, dtype=torch.float64, device=rows.device).index_add_(0, keys, rows)
-    return torch.cat([count.to(rows.device), sums.flatten(), (rows * rows).sum().reshape(1)])
+    count, sums = key_sums(rows, keys, num_keys)
+    return torch.cat([count, sums.flatten(), (rows * rows).sum().reshape(1)])
+
+
+def key_sums(rows, keys, num_keys):
+    """(rows per key, sum of the rows per key: num_keys x C), in the rows' dtype."""
+    count = torch.bincount(keys, minlength=num_keys).to(rows.dtype)
+    return count, torch.zeros(num_keys, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, keys, rows)
 
 
 def position_share(stats, num_keys):
@@ -322,13 +322,12 @@ def check_position_collapse(step, target_share, pred_share, start):
     to copy that. data2vec's std checks cannot see it, because instance normalisation keeps the target std near 1."""
     if step < start or max_pos_share >= 1.0:
         return
-    worst = max(s for s in (target_share, pred_share) if not math.isnan(s)) \
-        if not (math.isnan(target_share) and math.isnan(pred_share)) else float("nan")
-    if worst > max_pos_share:
+    shares = [s for s in (target_share, pred_share) if not math.isnan(s)]
+    if shares and max(shares) > max_pos_share:
         raise CollapseError(
             f"step {step}: position collapse: frame position explains {target_share:.3f} of the target variance "
             f"and {pred_share:.3f} of the predictions' (max {max_pos_share}); the teacher encodes where a frame sits "
-            f"in the crop, not what it holds. Vary the crop length (crop_seconds=(lo, hi)), lengthen the warm-up or "
+            f"in the crop, not what it holds. Vary the crop length (crop_seconds_min), lengthen the warm-up or "
             f"lower the learning rate; threshold: --max_pos_share.")
 
 
@@ -370,8 +369,7 @@ def cut_to_random_length(wav, lengths, step, global_micro):
     the teacher's targets from becoming that pattern (see the position monitor)."""
     n = wav.shape[1]
     low = min(n, int(round(crop_seconds_min * 16000)))
-    key = np.random.SeedSequence([seed, step, global_micro, 1]).generate_state(1)
-    cut = int(np.random.default_rng(key).integers(low, n + 1))
+    cut = int(torch.randint(low, n + 1, (1,), generator=training.step_generator(seed, step, global_micro, 1)))
     return wav[:, :cut], None if lengths is None else lengths.clamp(max=cut)
 
 
