@@ -39,6 +39,8 @@ crop_seconds = 30.0  # Music2Vec: 30 s of context (data2vec speech: 20 s); batch
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
 crop_seconds_min = 0.0  # > 0: cut each micro-batch to a length drawn uniformly from [crop_seconds_min,
 #                         crop_seconds] (not in fairseq, see cut_to_random_length)
+splice_prob = 0.0  # > 0: this share of the clips gets its tail from the next clip of the micro-batch, at a random
+#                    point (not in fairseq, see splice_clips)
 pad_batches = False  # False: cut every clip of a batch to the shortest (fairseq); True: zero-pad to the longest
 waveform_norm = "file"  # file: zero mean, unit variance with each FILE's statistics, before cropping (fairseq);
 #                         clip: with each crop's own (what the encoder does at inference)
@@ -59,6 +61,8 @@ conv_channels = 512  # channels of the 7 conv front-end layers (base: 512; the C
 dropout = 0.1
 attention_dropout = 0.1
 layerdrop = 0.05
+pos_conv_kernel = 19  # data2vec: 5 convolutions of kernel 19, which see +-45 frames (0.9 s) around each frame
+pos_conv_depth = 5
 feature_grad_mult = 1.0  # scales the gradient into the conv front end (data2vec: 1.0; 0 freezes it at its init)
 # objective (data2vec_audio.py, base_librispeech.yaml)
 mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
@@ -373,6 +377,30 @@ def cut_to_random_length(wav, lengths, step, global_micro):
     return wav[:, :cut], None if lengths is None else lengths.clamp(max=cut)
 
 
+def splice_clips(wav, lengths, step, global_micro):
+    """Each clip, with probability splice_prob, continues from a random point in [1/4, 3/4] of its length with the
+    next clip of the micro-batch (its own is kept when the batch holds one clip). Not in fairseq. Instance norm over
+    time takes from data2vec's targets whatever is constant in a clip: for an isolated sustained note that is its
+    pitch and timbre, leaving the envelope and the crop's edges. A spliced clip changes note (song) in the middle,
+    so its targets change with its content and the student must know what sounds where."""
+    b, n = wav.shape
+    if b < 2 or splice_prob <= 0:
+        return wav, lengths
+    g = training.step_generator(seed, step, global_micro, 2)
+    chosen = torch.rand(b, generator=g) < splice_prob
+    n_valid = torch.full((b,), n) if lengths is None else lengths.cpu()
+    n_common = torch.minimum(n_valid, n_valid.roll(-1))
+    cut = (n_common * (0.25 + 0.5 * torch.rand(b, generator=g))).long()
+    out = wav.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        j = (i + 1) % b
+        out[i, cut[i]:n_common[i]] = wav[j, cut[i]:n_common[i]]
+        if lengths is not None:
+            out[i, n_common[i]:] = 0
+    new_lengths = None if lengths is None else torch.where(chosen, n_common, n_valid).to(lengths)
+    return out, new_lengths
+
+
 def training_flops_per_clip(cfg, num_samples):
     """Student forward + backward (~3x its forward) plus the teacher's forward, which skips the conv front end and
     projection (shared with the student)."""
@@ -430,6 +458,7 @@ def main():
     # --- student, teacher, optimizer ---
     conv_layers = tuple((conv_channels, k, s) for _, k, s in BASE_CONV_LAYERS)
     enc_cfg = EncoderConfig.data2vec_base(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_layers=conv_layers,
+                                          pos_conv_kernel=pos_conv_kernel, pos_conv_depth=pos_conv_depth,
                                           dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop,
                                           feature_grad_mult=feature_grad_mult)
     torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
@@ -535,6 +564,8 @@ def main():
                 wav, lengths = batch["wav"], batch["lengths"]
                 if crop_seconds_min > 0:
                     wav, lengths = cut_to_random_length(wav, lengths, step, m * info.world_size + info.rank)
+                if splice_prob > 0:
+                    wav, lengths = splice_clips(wav, lengths, step, m * info.world_size + info.rank)
                 frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
                 mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,
                                 m * info.world_size + info.rank)

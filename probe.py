@@ -144,7 +144,7 @@ def model_tag(spec, cfg, seed):
     """Name of a model in the cache key: a new checkpoint (other size or mtime) gets a new feature store."""
     if spec == "random":
         h = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"random-{h}-seed{seed}"
+        return f"random-{cfg.family}-{h}-seed{seed}"  # the family names the row of a report
     path = os.path.abspath(spec)
     files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
     h = hashlib.sha1()

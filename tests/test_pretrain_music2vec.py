@@ -524,6 +524,37 @@ def test_recipe_options_run_and_do_what_they_say(corpus, tmp_path):
     whole = str(tmp_path / "whole")
     out = run_script(TINY + [f"--train_tsv={corpus}", f"--out_dir={whole}", "--max_steps=3", "--ckpt_interval=3",
                              "--max_pos_share=1.0", "--ema_transformer_only=False", "--layer_norm_target_layer=True",
-                             "--center_targets=True", "--ema_pos_conv=True", "--crop_seconds_min=0.5"])
+                             "--center_targets=True", "--ema_pos_conv=True", "--crop_seconds_min=0.5",
+                             "--splice_prob=0.5", "--pos_conv_kernel=5"])
     assert all(math.isfinite(v) for v in logged(out, "loss"))
-    assert any(k.startswith("feature_extractor.") for k in final_state(whole)["teacher"])
+    state = final_state(whole)
+    assert any(k.startswith("feature_extractor.") for k in state["teacher"])
+    assert state["encoder"]["transformer.pos_conv.0.weight"].shape[-1] == 5
+
+
+def test_splice_clips_by_hand(monkeypatch):
+    """A chosen clip keeps its head and takes the next clip's tail from a cut in [1/4, 3/4] of the common length;
+    the draws are a pure function of (seed, update, micro-batch); padded clips end at the shorter of the two."""
+    monkeypatch.setattr(m2v, "splice_prob", 1.0)
+    wav = torch.arange(4)[:, None].float().expand(4, 400).clone()  # clip i is the constant i
+    out, lengths = m2v.splice_clips(wav, None, step=3, global_micro=1)
+    assert lengths is None
+    for i in range(4):
+        cut = int((out[i] != i).nonzero()[0])
+        assert 100 <= cut <= 300
+        assert (out[i, :cut] == i).all() and (out[i, cut:] == (i + 1) % 4).all()
+    again, _ = m2v.splice_clips(wav, None, step=3, global_micro=1)
+    other, _ = m2v.splice_clips(wav, None, step=4, global_micro=1)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # padded batch: clip 0 (300 samples) spliced with clip 1 (400) stays 300 long; clip 1 takes clip 0's tail
+    # only as far as clip 0 goes
+    padded = wav[:2].clone()
+    padded[0, 300:] = 0
+    out, lengths = m2v.splice_clips(padded, torch.tensor([300, 400]), step=0, global_micro=0)
+    assert lengths.tolist() == [300, 300]
+    assert (out[:, 300:] == 0).all()
+    monkeypatch.setattr(m2v, "splice_prob", 0.0)
+    assert m2v.splice_clips(wav, None, 0, 0)[0] is wav
+    monkeypatch.setattr(m2v, "splice_prob", 0.5)  # about half the clips
+    chosen = sum(int((m2v.splice_clips(wav, None, s, 0)[0] != wav).any(1).sum()) for s in range(200))
+    assert 300 < chosen < 500

@@ -639,7 +639,7 @@ def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
     table = out[out.index("\ntask"):]
     assert str(ckpt) in table and "random" in table and "nsynth_pitch" in table
     a, b = records["nsynth_pitch", str(ckpt), probe.SEED], records["nsynth_pitch", "random", probe.SEED]
-    assert a["model_tag"] != b["model_tag"] and b["model_tag"].startswith("random-")
+    assert a["model_tag"] != b["model_tag"] and b["model_tag"].startswith(f"random-{enc.cfg.family}-")
     # random took the checkpoint's architecture: same number of hidden states in the head
     assert len(a["layer_weights"]) == len(b["layer_weights"]) == enc.cfg.layers + 1
     tag = a["model_tag"]
