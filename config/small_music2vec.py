@@ -1,6 +1,7 @@
-# Music2Vec, small recipe for real music: the run that beat random init of the same architecture on both note probes
+# Music2Vec, small recipe for real music: the recipe that beat random init of the same architecture on both note probes
 # of the real-music development set (data/debian_music.py): nsynth_pitch 0.577 ± 0.010 vs 0.551 ± 0.058 and
-# nsynth_instr 0.269 ± 0.021 vs 0.212 ± 0.026 (probe seeds 1-5, pre-training seed 1337; README, "Real music").
+# nsynth_instr 0.269 ± 0.021 vs 0.212 ± 0.026 (probe seeds 1-5, pre-training seed 1337; with --seed=2: 0.641 ± 0.018
+# and 0.275 ± 0.026; README, "Real music").
 #   python data/debian_music.py build --out data/devset
 #   # the songs' manifest lines three times, then the training notes: about half the crops come from songs
 #   (head -n 1 data/devset/pretrain.tsv; for i in 1 2 3; do grep '^songs/' data/devset/pretrain.tsv; done; \
