@@ -564,8 +564,7 @@ def main():
                 wav, lengths = batch["wav"], batch["lengths"]
                 if crop_seconds_min > 0:
                     wav, lengths = cut_to_random_length(wav, lengths, step, m * info.world_size + info.rank)
-                if splice_prob > 0:
-                    wav, lengths = splice_clips(wav, lengths, step, m * info.world_size + info.rank)
+                wav, lengths = splice_clips(wav, lengths, step, m * info.world_size + info.rank)
                 frames = None if lengths is None else raw_model.encoder.num_frames(lengths)
                 mask = mask_for((wav.shape[0], raw_model.encoder.num_frames(wav.shape[1])), frames, step,
                                 m * info.world_size + info.rank)
