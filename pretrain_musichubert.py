@@ -62,6 +62,7 @@ feature_grad_mult = 0.1  # the conv front end learns 10x slower (fairseq GradMul
 # objective (hubert.py / hubert_criterion.py)
 final_dim = 256
 logit_temp = 0.1
+pred_nomask_weight = 0.0  # fairseq: weight of the CE on the UNmasked frames (HuBERT base: 0, only masked frames count)
 mask_prob = 0.8  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
 mask_length = 10
 min_masks = 2
@@ -102,9 +103,10 @@ NUM_SPECIAL_SYMBOLS = 4
 
 class MusicHubert(nn.Module):
     """Encoder + HuBERT prediction head. forward(wav, targets, mask) -> (CE summed over the scored frames,
-    number of correct argmax predictions, feature penalty). targets: B x T cluster ids aligned to the encoder's
+    number of correct argmax predictions, feature penalty, CE summed over the unmasked labelled frames). targets: B x T cluster ids aligned to the encoder's
     frames (-1 = no label); mask: B x T frames replaced by the mask embedding. Scored = masked and labelled
-    (fairseq pred_masked_weight 1, pred_nomask_weight 0: unmasked frames are not scored, so not computed)."""
+    (fairseq pred_masked_weight 1). The unmasked frames' CE is computed only when pred_nomask_weight > 0 (else 0);
+    the loss adds it with that weight, and the accuracy stays the masked frames'."""
 
     def __init__(self, encoder_cfg, num_classes):
         super().__init__()
@@ -122,14 +124,21 @@ class MusicHubert(nn.Module):
         x = torch.where(mask[..., None], enc.mask_emb.to(x.dtype), x)
         hidden, _ = enc.transformer(x, None)
         scored = mask & (targets >= 0)
-        proj = self.final_proj(hidden[-1][scored]).float()
-        # cosine similarity with every label embedding (fairseq compute_logits), then the temperature
-        logits = F.normalize(proj, dim=-1, eps=1e-8) @ F.normalize(self.label_embs.float(), dim=-1, eps=1e-8).t()
-        logits = logits / logit_temp
-        target = targets[scored] + NUM_SPECIAL_SYMBOLS
+        logits, target = self.logits(hidden[-1], targets, scored)
         ce_sum = F.cross_entropy(logits, target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
-        return ce_sum, correct, feature_pen
+        ce_nomask_sum = ce_sum.new_zeros(())
+        if pred_nomask_weight > 0:  # the unmasked frames, scored only when they are weighted (fairseq)
+            logits_u, target_u = self.logits(hidden[-1], targets, ~mask & (targets >= 0))
+            ce_nomask_sum = F.cross_entropy(logits_u, target_u, reduction="sum")
+        return ce_sum, correct, feature_pen, ce_nomask_sum
+
+    def logits(self, top, targets, frames):
+        """Cosine similarity of the chosen frames' projections with every label embedding (fairseq
+        compute_logits), over the temperature; and their target indices."""
+        proj = self.final_proj(top[frames]).float()
+        logits = F.normalize(proj, dim=-1, eps=1e-8) @ F.normalize(self.label_embs.float(), dim=-1, eps=1e-8).t()
+        return logits / logit_temp, targets[frames] + NUM_SPECIAL_SYMBOLS
 
 
 def align_labels(labels, num_frames, rate):
@@ -293,7 +302,8 @@ def main():
     peak = training.peak_flops_per_s(info.device, peak_flops)
     peak_total = peak * info.world_size if peak else None
     meter = training.Throughput()
-    interval = torch.zeros(5, dtype=torch.float64)  # CE sum, penalty x frames, correct, scored frames, majority
+    interval = torch.zeros(7, dtype=torch.float64)  # CE sum, penalty x frames, correct, scored frames, majority,
+    #                                                 unmasked CE sum, unmasked labelled frames
     from tqdm import tqdm
     progress = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     os.makedirs(out_dir, exist_ok=True)
@@ -350,27 +360,32 @@ def main():
             scored = torch.tensor([float(sum(int((mk & (t >= 0)).sum()) for _, t, mk in micro))], dtype=torch.float64)
             global_scored = training.all_reduce_sum(scored.to(info.device)).item()
 
-            stats = torch.zeros(8, dtype=torch.float64, device=info.device)  # CE sum, pen x frames, correct,
-            #                                   scored frames, scored frames labelled `majority`, clips, samples, FLOPs
+            stats = torch.zeros(10, dtype=torch.float64, device=info.device)  # CE sum, pen x frames, correct,
+            # scored frames, scored frames labelled `majority`, unmasked CE sum, unmasked labelled frames, clips,
+            # samples, FLOPs
             for m, (wav, targets, mask) in enumerate(micro):
                 n = float((mask & (targets >= 0)).sum())
                 n_majority = float((mask & (targets == majority)).sum())
+                n_unmasked = float((~mask & (targets >= 0)).sum())
                 clip_flops = 3 * training.encoder_flops(enc_cfg, wav.shape[1])  # forward + backward ~ 3x forward
                 wav, targets, mask = (t.to(info.device, non_blocking=True) for t in (wav, targets, mask))
                 sync = nullcontext() if (not info.ddp or m == accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        ce_sum, correct, pen = model(wav, targets, mask)
-                    # fairseq: (CE sum + 10 * pen * sample_size) / global sample_size; DDP averages over ranks,
-                    # hence the world_size factor
-                    loss = (ce_sum + feature_pen_weight * pen * n) * (info.world_size / max(global_scored, 1.0))
+                        ce_sum, correct, pen, ce_nomask = model(wav, targets, mask)
+                    # fairseq: (CE sum [+ w x unmasked CE sum] + 10 * pen * sample_size) / global sample_size, with
+                    # sample_size the masked frames; DDP averages over ranks, hence the world_size factor
+                    loss = (ce_sum + pred_nomask_weight * ce_nomask + feature_pen_weight * pen * n) * (
+                        info.world_size / max(global_scored, 1.0))
                     loss.backward()
                 stats += torch.stack([ce_sum.detach().double(), pen.detach().double() * n, correct.double(),
                                       *(torch.tensor(v, dtype=torch.float64, device=info.device) for v in
-                                        (n, n_majority, wav.shape[0], wav.numel(), wav.shape[0] * clip_flops))])
+                                        (n, n_majority)), ce_nomask.detach().double(),
+                                      *(torch.tensor(v, dtype=torch.float64, device=info.device) for v in
+                                        (n_unmasked, wav.shape[0], wav.numel(), wav.shape[0] * clip_flops))])
             stats = training.all_reduce_sum(stats).cpu()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-            finite = math.isfinite(stats[0].item()) and math.isfinite(stats[1].item()) and bool(
+            finite = all(math.isfinite(stats[i].item()) for i in (0, 1, 5)) and bool(
                 torch.isfinite(grad_norm))
             if guard.ok(finite, step):
                 optimizer.step()
@@ -378,15 +393,18 @@ def main():
             step += 1
             progress.update(1)
             if finite:
-                interval += stats[:5]
-            meter.add(int(stats[5]), int(stats[6]), float(stats[7]))
+                interval += stats[:7]
+            meter.add(int(stats[7]), int(stats[8]), float(stats[9]))
 
             if step % log_interval == 0 or step == max_steps:
                 frames = max(interval[3].item(), 1.0)
-                metrics = {"loss": (interval[0] + feature_pen_weight * interval[1]).item() / frames,
+                metrics = {"loss": (interval[0] + pred_nomask_weight * interval[5]
+                                    + feature_pen_weight * interval[1]).item() / frames,
                            "ce": interval[0].item() / frames, "pen": interval[1].item() / frames,
                            "acc": interval[2].item() / frames, "acc_base": interval[4].item() / frames, "lr": lr,
                            "grad_norm": float(grad_norm)}
+                if pred_nomask_weight > 0:  # CE per unmasked frame (the loss above holds it x the weight)
+                    metrics["ce_nomask"] = interval[5].item() / max(interval[6].item(), 1.0)
                 metrics.update(meter.read(peak_total))
                 metrics["skipped"] = guard.total
                 logger.log(step, metrics)

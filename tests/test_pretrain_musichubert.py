@@ -103,7 +103,8 @@ def test_head_loss_matches_reference_formula():
     mask = torch.zeros(2, T, dtype=torch.bool)
     mask[:, 2:6] = True
     mask[1, -3:] = True
-    ce_sum, correct, pen = model(wav, targets, mask)
+    ce_sum, correct, pen, ce_u = model(wav, targets, mask)
+    assert float(ce_u) == 0.0  # not computed at pred_nomask_weight 0
     out = model.encoder(wav, mask=mask)
     sel = mask & (targets >= 0)
     proj = model.final_proj(out.hidden_states[-1][sel])
@@ -112,6 +113,22 @@ def test_head_loss_matches_reference_formula():
     torch.testing.assert_close(ce_sum, ref, rtol=1e-5, atol=1e-5)
     assert int(correct) == int((cos.argmax(-1) == targets[sel] + 4).sum())
     torch.testing.assert_close(pen, out.conv_features.pow(2).mean())
+
+    # pred_nomask_weight > 0: the same CE over the unmasked labelled frames comes back apart (the loss adds it x the
+    # weight); the masked CE and the accuracy do not change
+    unsel = ~mask & (targets >= 0)
+    proj_u = model.final_proj(out.hidden_states[-1][unsel])
+    cos_u = torch.nn.functional.cosine_similarity(proj_u[:, None, :], model.label_embs[None], dim=-1) / 0.1
+    ref_u = torch.nn.functional.cross_entropy(cos_u, targets[unsel] + 4, reduction="sum")
+    old = script.pred_nomask_weight
+    try:
+        script.pred_nomask_weight = 0.5
+        ce_w, correct_w, _, ce_u = model(wav, targets, mask)
+    finally:
+        script.pred_nomask_weight = old
+    torch.testing.assert_close(ce_w, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce_u, ref_u, rtol=1e-5, atol=1e-5)
+    assert int(correct_w) == int(correct)
 
 
 def test_masks_do_not_depend_on_world_size():
@@ -144,6 +161,18 @@ def test_loss_falls_and_accuracy_beats_chance(corpus, tmp_path):
     # the logged label-frequency baseline is that majority rate, measured on the scored (masked) frames
     acc_base = np.mean([log[s]["acc_base"] for s in range(1, 61)])
     assert abs(acc_base - majority) < 0.03 and acc > np.mean([log[s]["acc_base"] for s in range(51, 61)]) + 0.03
+
+
+def test_unmasked_frames_scored_when_weighted(corpus, tmp_path):
+    """pred_nomask_weight=1 (the quick start's): the unmasked frames' CE is logged, falls, and is in the loss."""
+    run(corpus, tmp_path, max_steps=40, dim=64, ffn=128, batch_size=8, learning_rate=5e-3, warmup_steps=5,
+        pred_nomask_weight=1.0)
+    log = read_log(tmp_path)
+    first = np.mean([log[s]["ce_nomask"] for s in range(1, 11)])
+    last = np.mean([log[s]["ce_nomask"] for s in range(31, 41)])
+    assert last < first - 0.3, (first, last)
+    # loss = (masked CE sum + unmasked CE sum) / masked frames + 10 x penalty: above the masked part alone
+    assert all(log[s]["loss"] > log[s]["ce"] + 10 * log[s]["pen"] + 0.1 for s in range(1, 41))
 
 
 def test_kill_and_resume_gives_identical_losses(corpus, tmp_path):
@@ -298,8 +327,8 @@ def test_nonfinite_loss_skips_update_then_stops(corpus, tmp_path):
 
             def patched(self, *a):
                 calls[0] += 1
-                ce, correct, pen = forward(self, *a)
-                return (ce * float("nan"), correct, pen) if calls[0] in bad else (ce, correct, pen)
+                ce, correct, pen, ce_u = forward(self, *a)
+                return (ce * float("nan"), correct, pen, ce_u) if calls[0] in bad else (ce, correct, pen, ce_u)
             script.MusicHubert.forward = patched
         return patch
 
