@@ -35,7 +35,7 @@ mkdir -p out/quickstart
 rm -f out/quickstart/musichubert.jsonl out/quickstart/music2vec.jsonl
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # Ctrl-C stops both
 threads=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
-echo "MusicHuBERT and Music2Vec pre-train side by side ($threads thread(s) each, about 8 minutes on 2 cores);"
+echo "MusicHuBERT and Music2Vec pre-train side by side ($threads thread(s) each, about 7 minutes on 2 idle cores);"
 echo "follow them with: tail -f out/quickstart/musichubert.log out/quickstart/music2vec.log"
 OMP_NUM_THREADS=$threads musichubert > out/quickstart/musichubert.log 2>&1 &
 hubert_pid=$!

@@ -1,15 +1,15 @@
 """Cost of Music2Vec's position-collapse monitor against the training step it watches.
 
-    python bench/position_monitor.py [--clips 4 --seconds 3 --steps 5 --threads 1 --layers 4 --dim 256 --heads 4
-                                      --ffn 1024 --conv_channels 64 --log_interval 10]
+    python bench/position_monitor.py [--clips 4 --seconds 3 --steps 5 --threads 1 --layers 4 --dim 128 --heads 4
+                                      --ffn 512 --conv_channels 32 --log_interval 50]
 
 At every update pretrain_music2vec.py adds, per micro-batch, the monitor's sums (monitor_sums: the targets at every
 valid frame and the predictions at the masked ones, grouped by position in the crop) to a buffer; on a logged
 update it turns the buffer into the two shares (monitor_shares) and clears it. This times both against one training
 step (bench/step.py's Music2Vec step: masks, student and teacher forward, loss, backward, AdamW, EMA update) on the
 same batch, alternating them so that load from other processes hits all alike, and prints the cost per update
-(sums + 1/log_interval of the shares). The defaults are the quick start's sizes; --layers 12 --dim 768 --heads 12 --ffn 3072
---conv_channels 512 --seconds 30 gives the base model's (the monitor's buffer then has 2 x 1499 positions x 769).
+(sums + 1/log_interval of the shares). The defaults are the quick start's sizes and log interval; --layers 12 --dim 768
+--heads 12 --ffn 3072 --conv_channels 512 --seconds 30 gives the base model's (the monitor's buffer then has 2 x 1499 positions x 769).
 """
 import argparse
 import os
@@ -27,9 +27,9 @@ from model import span_mask  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    encoder_args(ap, clips=4, seconds=3.0, steps=5, threads=1, layers=4, dim=256, heads=4, ffn=1024, conv_channels=64)
+    encoder_args(ap, clips=4, seconds=3.0, steps=5, threads=1, layers=4, dim=128, heads=4, ffn=512, conv_channels=32)
     ap.add_argument("--top_k", type=int, default=3)
-    ap.add_argument("--log_interval", type=int, default=10)
+    ap.add_argument("--log_interval", type=int, default=50)
     args = ap.parse_args()
     device, sync, size, wav = setup(args)
     student, step, _ = make_music2vec(size, device)
