@@ -103,8 +103,9 @@ NUM_SPECIAL_SYMBOLS = 4
 
 class MusicHubert(nn.Module):
     """Encoder + HuBERT prediction head. forward(wav, targets, mask) -> (CE summed over the scored frames,
-    number of correct argmax predictions, feature penalty, CE summed over the unmasked labelled frames). targets: B x T cluster ids aligned to the encoder's
-    frames (-1 = no label); mask: B x T frames replaced by the mask embedding. Scored = masked and labelled
+    number of correct argmax predictions, feature penalty, CE summed over the unmasked labelled frames).
+    targets: B x T cluster ids aligned to the encoder's frames (-1 = no label); mask: B x T frames replaced by the
+    mask embedding. Scored = masked and labelled
     (fairseq pred_masked_weight 1). The unmasked frames' CE is computed only when pred_nomask_weight > 0 (else 0);
     the loss adds it with that weight, and the accuracy stays the masked frames'."""
 

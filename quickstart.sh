@@ -33,7 +33,10 @@ music2vec() {
 # The two models train side by side, each on half the cores: small models use one thread far better than two.
 mkdir -p out/quickstart
 rm -f out/quickstart/musichubert.jsonl out/quickstart/music2vec.jsonl
-trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # Ctrl-C stops both
+# Ctrl-C (or a failure) stops both: each job's processes, then the job itself
+stop() { for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
+trap stop EXIT
+trap 'exit 130' INT TERM
 threads=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
 echo "MusicHuBERT and Music2Vec pre-train side by side ($threads thread(s) each, about 7 minutes on 2 idle cores);"
 echo "follow them with: tail -f out/quickstart/musichubert.log out/quickstart/music2vec.log"
