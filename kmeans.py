@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from kernels.kmeans import assign_and_sum, assign_nearest
+from triton_ops.kmeans import assign_and_sum, assign_nearest
 
 SAMPLE_RATE = 16000
 # fairseq dump_hubert_feature.py: max_chunk=1,600,000 samples (100 s); longer files are encoded chunk by chunk

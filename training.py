@@ -21,7 +21,9 @@ Nothing here knows about a particular objective; heads and losses live in the pr
 import ast
 import contextlib
 import dataclasses
+import difflib
 import glob
+import io
 import json
 import math
 import os
@@ -30,6 +32,7 @@ import re
 import signal
 import sys
 import time
+import tokenize
 
 import numpy as np
 import torch
@@ -93,14 +96,17 @@ def configure(globals_dict, argv=None, verbose=True):
     """
     argv = sys.argv[1:] if argv is None else argv
     settable = set(config_snapshot(globals_dict))
+    if "--help" in argv or "-h" in argv:  # before anything is read, created or initialised
+        print(help_text(globals_dict, settable))
+        raise SystemExit(0)
     overrides = {}
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
-                raise ConfigError(f"{arg}: expected --key=value")
+                raise ConfigError(f"{arg}: expected --key=value ({_help_hint(globals_dict)})")
             key, raw = arg[2:].split("=", 1)
             if key not in settable:
-                raise ConfigError(f"{arg}: unknown key {key!r}")
+                raise ConfigError(f"{arg}: unknown key {key!r}{_nearest(key, settable)}; {_help_hint(globals_dict)}")
             value = _coerce(key, _parse_cli_value(raw, globals_dict[key]), globals_dict[key], arg)
             globals_dict[key] = overrides[key] = value
         else:
@@ -117,13 +123,67 @@ def configure(globals_dict, argv=None, verbose=True):
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
                 if key not in settable:
-                    raise ConfigError(f"{arg}: unknown key {key!r}")
+                    raise ConfigError(f"{arg}: unknown key {key!r}{_nearest(key, settable)}; "
+                                      f"{_help_hint(globals_dict)}")
                 value = _coerce(key, value, globals_dict[key], arg)
                 globals_dict[key] = overrides[key] = value
     if verbose and overrides and int(os.environ.get("RANK", "0")) == 0:
         for key, value in overrides.items():
             print(f"config: {key} = {value!r}")
     return overrides
+
+
+def _nearest(key, settable):
+    close = difflib.get_close_matches(key, sorted(settable), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _help_hint(globals_dict):
+    script = os.path.basename(globals_dict.get("__file__") or "SCRIPT.py")
+    return f"python {script} --help lists them"
+
+
+def help_text(globals_dict, settable):
+    """`SCRIPT.py --help`: the script's globals block as a reference, in the file's order: its comment lines as
+    headings, each settable global as --key=default with the comment beside it (read from the source, so the help
+    is the file and cannot drift from it)."""
+    path = globals_dict.get("__file__") or ""
+    script = os.path.basename(path) or "SCRIPT.py"
+    doc = (globals_dict.get("__doc__") or "").strip().split("\n\n")[0]
+    out = [f"usage: python {script} [config/FILE.py ...] [--key=value ...]", "", doc, "",
+           "Config files (plain Python assignments) and --key=value items apply in order. Hyperparameters (default):"]
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("# ---")]  # the globals block between two rules
+    body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
+    shown = set()
+    for line in body:
+        m = re.match(r"^([A-Za-z_]\w*) = ", line)
+        if m and m.group(1) in settable:
+            key = m.group(1)
+            comment = _trailing_comment(line)
+            item = f"  --{key}={globals_dict[key]!r}"
+            out.append(f"{item:<40} {comment}".rstrip() if comment else item)
+            shown.add(key)
+        elif re.match(r"^#\s{4,}\S", line) and out[-1].startswith("  --"):  # a wrapped comment of the line above
+            out.append(" " * 41 + line[1:].strip())
+        elif line.startswith("#"):
+            if out[-1].startswith("  --") or out[-1].startswith(" " * 41):
+                out.append("")  # a heading after a group of items
+            out.append(line[1:].strip())
+    out += [f"  --{key}={globals_dict[key]!r}" for key in sorted(settable - shown)]  # set outside the block
+    return "\n".join(out).replace("\n\n\n", "\n\n")
+
+
+def _trailing_comment(line):
+    """The `# ...` comment of one source line (tokenized, so a '#' inside a string is not one)."""
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line).readline):
+            if tok.type == tokenize.COMMENT:
+                return tok.string[1:].strip()
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return ""
 
 
 def config_snapshot(globals_dict):

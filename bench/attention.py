@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import attention as attn  # noqa: E402
+from triton_ops import attention as attn  # noqa: E402
 
 
 def bench(fn, device, steps):

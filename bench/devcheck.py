@@ -1,4 +1,4 @@
-"""The first-GPU check: what kernels/compile_check.py cannot see (numerics on the device, speed, the autotuner's picks),
+"""The first-GPU check: what triton_ops/compile_check.py cannot see (numerics on the device, speed, the autotuner's picks),
 in one script of under 5 minutes on one H100/H200.
 
     python bench/devcheck.py --out devcheck.jsonl              # on a GPU
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import attention as attn  # noqa: E402
-from kernels import kmeans as km  # noqa: E402
+from triton_ops import attention as attn  # noqa: E402
+from triton_ops import kmeans as km  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
 # Under the interpreter bf16 dots multiply raw bit patterns (Triton 3.x; tests/test_kernels.py patches around it), so

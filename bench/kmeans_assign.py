@@ -5,7 +5,7 @@
 
 Figures: points x centroids per second (N*K/t) and achieved TFLOP/s counting the dot products only (2*N*K*D).
 Rows on the GPU:
-  torch chunked fp32       kernels.kmeans.assign_nearest_reference (addmm into a 16384 x K chunk, then min)
+  torch chunked fp32       triton_ops.kmeans.assign_nearest_reference (addmm into a 16384 x K chunk, then min)
   ours fp32 / tf32 / bf16  the kernel with 3xTF32 (~fp32), TF32 and bf16 products (fp32 accumulation, results)
   ours fused fp32          assign_and_sum: assignment plus the Lloyd sums/counts in the same pass
   torch assign+sums fp32   the reference assignment followed by index_add_/bincount
@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import kmeans as km  # noqa: E402
+from triton_ops import kmeans as km  # noqa: E402
 
 
 def bench(fn, device, steps):

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import probe  # noqa: E402
-import probe_heads  # noqa: E402
-import probe_features as pf  # noqa: E402
+from model import Encoder  # noqa: E402
+from probing import models, runs, tasks  # noqa: E402
+import probing.clips as pc  # noqa: E402
+import probing.heads as probe_heads  # noqa: E402
+import probing.features as pf  # noqa: E402
 
 
 def bench_extraction(encoder, device, seconds, clips, per_batch):
@@ -62,7 +64,7 @@ def splits(store, n_train, n_eval, classes, seed=0):
     rng = np.random.default_rng(seed)
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_eval),
               "test": (n_train + n_eval, n_train + 2 * n_eval)}
-    return {s: probe.SplitData(*store.item_rows([f"clip{c}" for c in range(a, b)])[:2],
+    return {s: pc.SplitData(*store.item_rows([f"clip{c}" for c in range(a, b)])[:2],
                                torch.from_numpy(rng.integers(0, classes, b - a)))
             for s, (a, b) in bounds.items()}
 
@@ -70,7 +72,7 @@ def splits(store, n_train, n_eval, classes, seed=0):
 def head_flops(rows, states, dim, classes, weighted, single):
     """Multiply-adds x 2 of one training pass over `rows` rows: forward, weight gradients, and the gradient into the
     mixed input for weighted heads (single-state heads need none: their input is data)."""
-    first, second = rows * dim * probe_heads.HIDDEN, rows * probe_heads.HIDDEN * classes
+    first, second = rows * dim * probing.heads.HIDDEN, rows * probing.heads.HIDDEN * classes
     mix = rows * states * dim
     return 2 * (weighted * (3 * first + 3 * second + 2 * mix) + single * (2 * first + 3 * second))
 
@@ -81,17 +83,17 @@ def bench_heads(args, device):
     with tempfile.TemporaryDirectory() as tmp:
         store = random_store(tmp, args.clips + 2 * n_eval, args.windows, states, dim)
         data = splits(store, args.clips, n_eval, classes)
-        rows = pf.Rows(store, device, probe.FEATURES_ON_DEVICE_BYTES)
-        task = probe.Task(reader=None, kind="multiclass", num_classes=classes, metrics=("acc",), epochs=3,
+        rows = pf.Rows(store, device, runs.FEATURES_ON_DEVICE_BYTES)
+        task = tasks.Task(reader=None, kind="multiclass", num_classes=classes, metrics=("acc",), epochs=3,
                           patience=100, plateau_patience=100)
-        grids = {"one head": (["all"], [1e-3]), "sweep": (["all"] + list(range(states)), list(probe.SWEEP_LRS))}
+        grids = {"one head": (["all"], [1e-3]), "sweep": (["all"] + list(range(states)), list(runs.SWEEP_LRS))}
         times = {name: [] for name in grids}
 
         def seconds(choices, lrs, epochs):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            probe.train_heads(task, rows, data, choices, lrs, epochs, 0, device, log=lambda *a: None)
+            pc.train_heads(task, rows, data, choices, lrs, epochs, 0, device, log=lambda *a: None)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
@@ -118,7 +120,7 @@ def memory_child(windows, per_clip, states, dim):
         n_eval = min(1000, n_clips // 10)
         data = splits(store, n_clips - 2 * n_eval, n_eval, 50)
         rows = pf.Rows(store, "cpu", 0)
-        task = probe.Task(reader=None, kind="multiclass", num_classes=50,
+        task = tasks.Task(reader=None, kind="multiclass", num_classes=50,
                           metrics=("acc",), epochs=1, patience=1, plateau_patience=1)
         before, peak = rss(), [0.0]
 
@@ -127,7 +129,7 @@ def memory_child(windows, per_clip, states, dim):
             return rows(r)
 
         t0 = time.perf_counter()
-        probe.train_heads(task, sampled, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
+        pc.train_heads(task, sampled, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
         peak[0] = max(peak[0], rss())
         print(json.dumps(dict(windows=store.rows, clips=n_clips, store_mib=round(store.rows * store.row_bytes / 2**20),
                               float32_mib=round(store.rows * store.row_bytes * 2 / 2**20),
@@ -137,7 +139,7 @@ def memory_child(windows, per_clip, states, dim):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="hubert_base", choices=sorted(probe.MODEL_CONFIGS))
+    p.add_argument("--config", default="hubert_base", choices=sorted(models.MODEL_CONFIGS))
     p.add_argument("--clips", type=int, default=512, help="training clips for the head benchmark (30 s clips for "
                    "extraction: --extract-clips)")
     p.add_argument("--windows", type=int, default=1, help="windows per clip in the head benchmark (MTG: ~9)")
@@ -173,7 +175,7 @@ def main():
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     if not args.skip_extraction:
         torch.manual_seed(0)
-        encoder = probe.Encoder(probe.MODEL_CONFIGS[args.config]()).eval().to(args.device)
+        encoder = Encoder(models.MODEL_CONFIGS[args.config]()).eval().to(args.device)
         cfg = encoder.cfg
         print(f"{args.config} encoder ({cfg.layers} layers, dim {cfg.dim}) on {where}")
         for seconds, clips, per_batch in ((30.0, args.extract_clips, args.batch),

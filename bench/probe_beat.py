@@ -1,4 +1,4 @@
-"""Memory and decoding cost of probe.py's beat tracking (probe_frames.py), on CPU.
+"""Memory and decoding cost of probe.py's beat tracking (probing/frames.py), on CPU.
 
     python bench/probe_beat.py --memory 110,330     # RssAnon while a base-size beat head trains from frame stores
     python bench/probe_beat.py --decode 200         # madmom's DBN on 30 s activations: ms per track, one core
@@ -21,8 +21,8 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import probe_features as pf  # noqa: E402
-import probe_frames as pfr  # noqa: E402
+import probing.features as pf  # noqa: E402
+import probing.frames as pfr  # noqa: E402
 
 FRAMES, STATES, DIM, EVAL_TRACKS = 1502, 13, 768, 20
 

@@ -13,6 +13,7 @@ dims): a base model's 13 x 768 only changes the store's size on disk, which is m
 Audio decoding is not part of this: tests/test_probe_mtg.py measures a 10-minute track.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -25,8 +26,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import probe  # noqa: E402
-import probe_features as pf  # noqa: E402
+from model import Encoder  # noqa: E402
+from probing import models, tasks  # noqa: E402
+import probing.clips as pc  # noqa: E402
+import probing.features as pf  # noqa: E402
 from data import downstream  # noqa: E402
 
 # split-0 as distributed (counted): tracks per split and tags per subset
@@ -92,7 +95,7 @@ def child(args):
                         if line:
                             fields = line.split("\t")
                             durations[downstream.mtg_audio(fields[3])] = float(fields[4])
-        encoder = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+        encoder = Encoder(models.MODEL_CONFIGS["tiny"]())
         states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
         ext = pf.Extraction()
         key = pf.cache_key("bench", ext)
@@ -121,14 +124,14 @@ def child(args):
                                 ("genre", "mtg_genre"), ("top50tags", "mtg_top50")):
             t0, peak[0] = time.time(), rss_anon()
             listing = downstream.read_mtg(tmp, name)
-            task = probe.dataclasses.replace(probe.TASKS[task_name], num_classes=len(listing.labels), epochs=1)
+            task = dataclasses.replace(tasks.TASKS[task_name], num_classes=len(listing.labels), epochs=1)
             failed = pf.extract(ext, listing.clips, encoder, store_dir, key, "cpu", 60.0, log=lambda *a: None)
             assert not failed
             s = pf.FeatureStore(store_dir, key)
-            data = {split: probe.split_data(s, [c for c in listing.clips if c.split == split], task)
+            data = {split: pc.split_data(s, [c for c in listing.clips if c.split == split], task)
                     for split in ("train", "valid", "test")}
             rows = pf.Rows(s, "cpu", 0)
-            probe.train_heads(task, rows, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
+            pc.train_heads(task, rows, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
             out["tasks"][task_name] = dict(tracks=len(listing.clips), tags=len(listing.labels),
                                            windows=int(sum(d.counts.sum() for d in data.values())),
                                            rss_anon_peak_mib=round(peak[0]), seconds=round(time.time() - t0, 1))

@@ -1,4 +1,4 @@
-"""Readers for the beat-tracking data sets of probe.py (the frame-level path, probe_frames.py).
+"""Readers for the beat-tracking data sets of probe.py (the frame-level path, probing/frames.py).
 
 Each reader returns a `BeatListing` whose clips carry their reference beat times (seconds, float64, increasing) as
 the label, plus notes (files left out, and why) that the run prints.

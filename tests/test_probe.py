@@ -11,7 +11,11 @@ import soundfile as sf
 import torch
 
 import probe
-import probe_metrics
+from model import Encoder
+from probing import features, models, runs, tasks
+import probing.clips as pc
+import probing.heads as ph
+import probing.metrics as probe_metrics
 from data import downstream
 
 SR = 16000
@@ -94,7 +98,7 @@ def in_memory(splits):
     Xs, data, offset = [], {}, 0
     for split, (X, counts, y) in splits.items():
         counts = np.asarray(counts, dtype=np.int64)
-        data[split] = probe.SplitData(offset + np.cumsum(counts) - counts, counts, y)
+        data[split] = pc.SplitData(offset + np.cumsum(counts) - counts, counts, y)
         Xs.append(X)
         offset += len(X)
     X = torch.cat(Xs)
@@ -118,9 +122,9 @@ def test_head_adam_matches_torch_adam():
     """A 2 x 2 grid (two layer choices x two lrs) takes the same steps as four separate heads, each its own
     tensors under torch.optim.Adam: the batched optimiser is exactly Adam, per head."""
     gen = torch.Generator().manual_seed(0)
-    heads = probe.ProbeHeads(["all", 1], 2, 3, 8, 4, gen)
+    heads = ph.ProbeHeads(["all", 1], 2, 3, 8, 4, gen)
     lrs = [1e-2, 3e-3]
-    opt = probe.HeadAdam(heads, torch.tensor(lrs).expand(2, 2))
+    opt = ph.HeadAdam(heads, torch.tensor(lrs).expand(2, 2))
     refs = {(c, k): {n: v.clone().requires_grad_(True) for n, v in heads.head_state(c, k).items()
                      if n != "layer_weights"} for c in range(2) for k in range(2)}
     ref_opts = {ck: torch.optim.Adam(list(r.values()), lr=lrs[ck[1]]) for ck, r in refs.items()}
@@ -130,7 +134,7 @@ def test_head_adam_matches_torch_adam():
     for _ in range(5):
         for p in heads.parameters():
             p.grad = None
-        probe.loss_fn("multiclass", heads(x).flatten(0, 1), y).backward()
+        pc.loss_fn("multiclass", heads(x).flatten(0, 1), y).backward()
         opt.step()
         for (c, k), r in refs.items():
             mixed = x[:, 1] if c == 1 else torch.einsum("s,bsd->bd", r["layer_logits"].softmax(-1), x)
@@ -147,24 +151,24 @@ def test_head_adam_matches_torch_adam():
 def test_clip_average_averages_logits_per_clip():
     out = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]]])  # 1 head, 3 windows
     rows = torch.tensor([0, 0, 1])
-    torch.testing.assert_close(probe.clip_average(out, rows, 2), torch.tensor([[[2.0, 1.0], [5.0, 5.0]]]))
+    torch.testing.assert_close(pc.clip_average(out, rows, 2), torch.tensor([[[2.0, 1.0], [5.0, 5.0]]]))
 
 
 def test_sweep_cells_equal_separately_trained_heads():
     """Point 10: every cell of a sweep is the head that a run with that one (layers, lr) trains under the same
     seed, to 1e-5: the same init, batches and dropout masks; plateau cuts and early stops per head (patience 2
     makes several heads stop at different epochs)."""
-    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=12, patience=2,
+    task = tasks.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=12, patience=2,
                       plateau_patience=1)
     rows, data = in_memory({"train": _features(48, 4, 16, 4, (1, 2), seed=0, windows=[1, 2, 3] * 16),
                             "valid": _features(24, 4, 16, 4, (2,), seed=1), "test": _features(24, 4, 16, 4, (1,),
                                                                                              seed=2)})
     choices, lrs = ["transformer", 0, 1, 2, 3], [1e-4, 3e-3, 3e-2]
-    sweep, heads = probe.train_heads(task, rows, data, choices, lrs, task.epochs, 7, "cpu", log=lambda *a: None,
+    sweep, heads = pc.train_heads(task, rows, data, choices, lrs, task.epochs, 7, "cpu", log=lambda *a: None,
                                      batch_size=8)
     assert len({r["best_epoch"] for r in sweep}) > 2  # heads stopped at different epochs
     for r in sweep:
-        (alone,), one = probe.train_heads(task, rows, data, [r["layers"]], [r["lr"]], task.epochs, 7, "cpu",
+        (alone,), one = pc.train_heads(task, rows, data, [r["layers"]], [r["lr"]], task.epochs, 7, "cpu",
                                           log=lambda *a: None, batch_size=8)
         assert alone["best_epoch"] == r["best_epoch"] and alone["best_valid"] == pytest.approx(r["best_valid"])
         assert alone["test"] == pytest.approx(r["test"]) and alone["valid"] == pytest.approx(r["valid"])
@@ -178,15 +182,15 @@ def test_sweep_reports_the_test_score_of_the_validation_best_cell():
     """Train: states 1 and 2 carry the class; valid: only state 2; test: only state 1. So the validation-best
     cell (state 2) tests near chance while the state-1 cells test well: the report must be the former's test
     score, not the best test score in the grid."""
-    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=15, patience=5,
+    task = tasks.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=15, patience=5,
                       plateau_patience=2)
     rows, data = in_memory({"train": _features(64, 3, 16, 4, (1, 2), seed=0),
                             "valid": _features(40, 3, 16, 4, (2,), seed=1), "test": _features(40, 3, 16, 4, (1,),
                                                                                              seed=2)})
-    results, _ = probe.train_heads(task, rows, data, [0, 1, 2], [1e-4, 1e-2], task.epochs, 0, "cpu",
+    results, _ = pc.train_heads(task, rows, data, [0, 1, 2], [1e-4, 1e-2], task.epochs, 0, "cpu",
                                    log=lambda *a: None)
     assert [(r["layers"], r["lr"]) for r in results] == [(c, lr) for lr in (1e-4, 1e-2) for c in (0, 1, 2)]
-    chosen = probe.validation_best(results)
+    chosen = ph.validation_best(results)
     assert chosen["layers"] == 2 and chosen["best_valid"] > 0.9
     assert chosen["best_valid"] == max(r["best_valid"] for r in results)
     assert chosen["valid"]["acc"] == pytest.approx(chosen["best_valid"])  # restored best weights
@@ -194,17 +198,17 @@ def test_sweep_reports_the_test_score_of_the_validation_best_cell():
     assert max(r["test"]["acc"] for r in results if r["layers"] == 1) > 0.9
     # ties go to the first cell in grid order
     tied = [dict(best_valid=0.5, name="a"), dict(best_valid=0.7, name="b"), dict(best_valid=0.7, name="c")]
-    assert probe.validation_best(tied)["name"] == "b"
+    assert ph.validation_best(tied)["name"] == "b"
 
 
 def test_weighted_head_learns_to_weight_the_informative_state():
-    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=8, patience=8,
+    task = tasks.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=8, patience=8,
                       plateau_patience=5)
     rows, data = in_memory({s: _features(n, 3, 16, 4, (2,), seed=i)
                             for i, (s, n) in enumerate([("train", 128), ("valid", 40), ("test", 40)])})
-    (r,), _ = probe.train_heads(task, rows, data, ["all"], [1e-2], task.epochs, 0, "cpu", log=lambda *a: None,
+    (r,), _ = pc.train_heads(task, rows, data, ["all"], [1e-2], task.epochs, 0, "cpu", log=lambda *a: None,
                                 batch_size=4)
-    init = probe.ProbeHeads(["all"], 1, 3, 16, 4, torch.Generator().manual_seed(0)).layer_weights()[0, 0]
+    init = ph.ProbeHeads(["all"], 1, 3, 16, 4, torch.Generator().manual_seed(0)).layer_weights()[0, 0]
     assert r["test"]["acc"] > 0.9
     assert r["layer_weights"][2] > 2 * float(init[2].detach())  # the softmax weight moved onto the informative state
 
@@ -212,7 +216,7 @@ def test_weighted_head_learns_to_weight_the_informative_state():
 def test_batches_are_clips_with_all_their_windows():
     """Point 3: a training step takes `batch_size` clips and every window of each (MARBLE's train_collate_fn), so an
     epoch has ceil(clips / batch_size) steps whatever the windows per clip; evaluation averages per clip."""
-    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=1, patience=1,
+    task = tasks.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=1, patience=1,
                       plateau_patience=1)
     counts = [1, 4, 2, 9, 3] * 8  # 40 clips, 152 windows
     read, data = in_memory({"train": _features(40, 3, 8, 4, (1,), seed=0, windows=counts),
@@ -223,7 +227,7 @@ def test_batches_are_clips_with_all_their_windows():
         calls.append(np.asarray(r).copy())
         return read(r)
 
-    probe.train_heads(task, rows, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None, batch_size=16)
+    pc.train_heads(task, rows, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None, batch_size=16)
     tr = data["train"]
     spans = {int(s): int(c) for s, c in zip(tr.starts, tr.counts)}
     steps = [c for c in calls[1:] if c.max() < tr.starts[-1] + tr.counts[-1]][:3]  # calls[0] reads the shape
@@ -239,8 +243,8 @@ def test_batches_are_clips_with_all_their_windows():
     assert clips_per_step == [16, 16, 8]
     np.testing.assert_array_equal(np.sort(np.concatenate(steps)), np.arange(sum(counts)))  # every window once
     # the clip-level outputs are the mean of the clip's window outputs
-    heads = probe.ProbeHeads(["all"], 1, 3, 8, 4, torch.Generator().manual_seed(0))
-    out = probe.evaluate(heads, read, tr)
+    heads = ph.ProbeHeads(["all"], 1, 3, 8, 4, torch.Generator().manual_seed(0))
+    out = pc.evaluate(heads, read, tr)
     with torch.no_grad():
         for i in (0, 3, 7):
             r = np.arange(tr.starts[i], tr.starts[i] + tr.counts[i])
@@ -343,7 +347,7 @@ def test_feature_store_is_reused_and_resumable(tmp_path):
     first, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "2")
     (store,) = store_dirs(tmp_path)
     assert sorted(p.name for p in store.iterdir()) == [".lock", "features.f16", "index.jsonl", "meta.json"]
-    fs = probe.FeatureStore(str(store))
+    fs = features.FeatureStore(str(store))
     assert len(fs.index) == 16 and fs.rows == 16 and fs.row_shape == (3, 64)  # tiny: 2 layers + 1, 64 dims
     assert os.path.getsize(store / "features.f16") == 16 * 3 * 64 * 2  # float16
     reference = np.array(fs.array())
@@ -358,7 +362,7 @@ def test_feature_store_is_reused_and_resumable(tmp_path):
         f.seek(0, 2)
         f.write(b"\x00\x01" * 100)
     third, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "2")
-    fs = probe.FeatureStore(str(store))
+    fs = features.FeatureStore(str(store))
     assert fs.rows == 16 and list(fs.index) == [json.loads(x)["key"] for x in lines[:11]] + list(fs.index)[11:]
     again = np.array(fs.array())
     for k, (start, n) in fs.index.items():  # the same rows per clip as before the interruption
@@ -385,7 +389,7 @@ def test_cache_key_settings_reextract(tmp_path):
     new = [d for d in store_dirs(tmp_path) if d != store][0]
     assert json.loads((new / "meta.json").read_text())["key"]["window"] == 1.5
     assert record["windows"]["train"] == 4 * 3 and record["items"]["train"] == 4  # 4 s notes: 1.5 + 1.5 + 1.0 s
-    assert probe.FeatureStore(str(store)).rows == 8
+    assert features.FeatureStore(str(store)).rows == 8
 
 
 def test_unreadable_clip_is_reported_with_its_path(tmp_path, capsys):
@@ -401,7 +405,7 @@ def test_unreadable_clip_is_reported_with_its_path(tmp_path, capsys):
 def test_gtzan_end_to_end(tmp_path):
     root = tmp_path / "gtzan"
     (root / "genres").mkdir(parents=True)
-    clips = probe.select_clips(downstream.read_gtzan(str(root)).clips, 20)
+    clips = tasks.select_clips(downstream.read_gtzan(str(root)).clips, 20)
     for i, c in enumerate(clips):  # GTZAN: 22,050 Hz mono 16-bit wav
         g = downstream.GTZAN_GENRES.index(c.key.split("/")[1])
         os.makedirs(os.path.dirname(c.path), exist_ok=True)
@@ -545,7 +549,7 @@ def test_sweep_through_the_cli(tmp_path):
     (MARBLE's code: state 0 left out) on request; the single states are always 0..layers."""
     write_nsynth(tmp_path / "nsynth", per_split=(16, 8, 8))
     record, _ = run_cli(tmp_path, "nsynth_pitch", tmp_path / "nsynth", "--epochs", "3", "--sweep")
-    assert record["heads"] == len(probe.SWEEP_LRS) * 4  # tiny encoder: {all, 0, 1, 2} x 6 lrs
+    assert record["heads"] == len(runs.SWEEP_LRS) * 4  # tiny encoder: {all, 0, 1, 2} x 6 lrs
     best = max(record["grid"], key=lambda g: g["valid"])
     assert record["valid"]["acc"] == best["valid"] and record["metrics"] == best["test"]
     assert {g["layers"] for g in record["grid"]} == {"all", 0, 1, 2}
@@ -588,14 +592,14 @@ def test_predict_regression_on_the_annotation_scale(tmp_path, capsys):
     """A regression head (EMO) prints its outputs back on the annotation's scale (targets were z-scored on the
     development songs) under the label names."""
     listing = downstream.Listing([], ["arousal", "valence"], [5.0, 4.0], [2.0, 1.0])
-    task = probe.TASKS["emo"]
-    heads = probe.ProbeHeads(["all"], 1, 3, 64, 2, torch.Generator().manual_seed(0))
+    task = tasks.TASKS["emo"]
+    heads = ph.ProbeHeads(["all"], 1, 3, 64, 2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         heads.mix_w2.zero_()
         heads.mix_b2.copy_(torch.tensor([1.0, -2.0]))  # z-scores 1 and -2 -> 7.0 and 2.0
-    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+    enc = Encoder(models.MODEL_CONFIGS["tiny"]())
     r = dict(cell=(0, 0), layers="all", lr=1e-3, valid={}, test={})
-    probe.save_head(str(tmp_path / "h"), "emo", task, listing, task.extraction, "random", "tag", enc, 3, heads, r)
+    runs.save_head(str(tmp_path / "h"), "emo", task, listing, task.extraction, "random", "tag", enc, 3, heads, r)
     path = tmp_path / "song.wav"
     sf.write(path, tone(200, 12.0, SR), SR)
     (o,) = probe.main(["predict", "--heads", str(tmp_path / "h" / "emo.pt"), "--model", "random", str(path)])
@@ -628,7 +632,7 @@ def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
     from dataclasses import asdict
     write_nsynth(tmp_path / "nsynth", per_split=(8, 4, 4))
     torch.manual_seed(5)
-    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+    enc = Encoder(models.MODEL_CONFIGS["tiny"]())
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict(), "step": 10}, ckpt)
     results = tmp_path / "results.jsonl"
@@ -645,7 +649,7 @@ def test_checkpoint_against_random_side_by_side(tmp_path, capsys):
     tag = a["model_tag"]
     torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict(), "step": 20}, ckpt)
     os.utime(ckpt, ns=(1, 1))
-    assert probe.model_tag(str(ckpt), enc.cfg, 0) != tag
+    assert models.model_tag(str(ckpt), enc.cfg, 0) != tag
 
 
 def test_several_seeds_give_mean_and_sd(tmp_path, capsys):

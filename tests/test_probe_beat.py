@@ -1,4 +1,4 @@
-"""probe.py's beat tracking (probe_frames.py, data/beats.py): the readers in the data sets' real layouts, frame
+"""probe.py's beat tracking (probing/frames.py, data/beats.py): the readers in the data sets' real layouts, frame
 alignment, crops and labels, the loss, the decoder input, the metrics by hand, madmom's DBN as installed, and click
 tracks at known tempi end to end through the command line (a tiny random encoder must learn to find the clicks)."""
 import json
@@ -10,8 +10,10 @@ import soundfile as sf
 import torch
 
 import probe
-import probe_features as pf
-import probe_frames as pfr
+from probing import models, runs, tasks
+import probing.heads as ph
+import probing.features as pf
+import probing.frames as pfr
 from data import beats, downstream
 from model import Encoder, EncoderConfig
 
@@ -52,7 +54,7 @@ def make_gtzan(root, per_split, seconds=12.0):
     jams_dir = root / "GTZAN-Rhythm_v2_ismir2015_lbd" / "jams"
     os.makedirs(jams_dir)
     clips = downstream.read_gtzan(str(root)).clips
-    chosen = {c.key for c in probe.select_clips(clips, per_split)}
+    chosen = {c.key for c in tasks.select_clips(clips, per_split)}
     rng = np.random.default_rng(0)
     for i, c in enumerate(clips):
         bpm, phase = rng.uniform(90, 150), rng.uniform(0.1, 0.6)
@@ -90,7 +92,7 @@ def local_encoder(seed=0):
     """The tiny encoder with LayerNorm in every conv ("layer" mode): each conv frame depends on its receptive field
     only (the default GroupNorm normalises over the whole input), so alignment can be checked frame by frame."""
     torch.manual_seed(seed)
-    return Encoder(EncoderConfig.hubert_base(**{**probe.TINY, "extractor_mode": "layer"})).eval()
+    return Encoder(EncoderConfig.hubert_base(**{**models.TINY, "extractor_mode": "layer"})).eval()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def test_loss_is_binary_cross_entropy_per_frame():
     assert float(pfr.beat_loss(logits, y, 4)) == pytest.approx(float(by_hand), rel=1e-6)
     half = pfr.beat_loss(logits[:, :2], y[:2], 4) + pfr.beat_loss(logits[:, 2:], y[2:], 4)
     assert float(half) == pytest.approx(float(by_hand), rel=1e-6)  # passes of one batch add up to its mean
-    heads = probe.ProbeHeads(["all", 1], 1, 3, 8, 1, torch.Generator().manual_seed(0))
+    heads = ph.ProbeHeads(["all", 1], 1, 3, 8, 1, torch.Generator().manual_seed(0))
     assert pfr.head_logits(heads, torch.randn(7, 3, 8)).shape == (2, 7)  # [heads, frames]
 
 
@@ -300,7 +302,7 @@ def test_the_decoder_gets_each_whole_track_and_the_pool_agrees(monkeypatch):
     rows = lambda r: X[torch.as_tensor(r)]
     split = pfr.BeatSplit(["a", "b", "c"], np.array([0, 300, 650]), np.array([300, 350, 250]),
                           [np.array([1.0, 2.0]), np.array([0.5]), np.array([])])
-    heads = probe.ProbeHeads(["all", 2], 2, 3, 8, 1, torch.Generator().manual_seed(0))
+    heads = ph.ProbeHeads(["all", 2], 2, 3, 8, 1, torch.Generator().manual_seed(0))
     seen = []
     real = pfr._score_track
     monkeypatch.setattr(pfr, "_score_track", lambda job: seen.append(job) or real(job))
@@ -334,10 +336,10 @@ def untrained_f(record, tmp_path, data_root, task="gtzan_beat"):
     store_dir = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs
                      if f == "meta.json")
     store = pf.FeatureStore(os.path.dirname(store_dir))
-    listing = probe.TASKS[task].reader(str(data_root))
-    test = [c for c in probe.select_clips(listing.clips, record["clips"]["test"]) if c.split == "test"]
+    listing = tasks.TASKS[task].reader(str(data_root))
+    test = [c for c in tasks.select_clips(listing.clips, record["clips"]["test"]) if c.split == "test"]
     split = pfr.beat_split(store, test, 50.0)
-    heads = probe.ProbeHeads(["all"], 1, store.row_shape[0], store.row_shape[1], 1,
+    heads = ph.ProbeHeads(["all"], 1, store.row_shape[0], store.row_shape[1], 1,
                              torch.Generator().manual_seed(probe.SEED))
     rows = pf.Rows(store, "cpu", 0)
     return pfr.score_heads(heads, rows, split, 50.0, pfr.Decoder(workers=1), cap=10000)["f_70ms"][0]
@@ -356,7 +358,7 @@ def test_gtzan_beat_clicks_end_to_end(tmp_path, capsys):
     assert record["clips"] == record["items"] == {"train": 6, "valid": 6, "test": 6}
     assert set(record["metrics"]) == set(record["valid"]) == set(pfr.BEAT_METRICS)
     assert record["headline"] == "f_70ms" and record["item"] == "track" and record["fps"] == 50.0
-    assert record["table"] == ["f_70ms", "track_f_70ms"]  # the Table-1 columns of probe_report.py
+    assert record["table"] == ["f_70ms", "track_f_70ms"]  # the Table-1 columns of probing/report.py
     n = int(12.0 * SR) // 320 + 1  # 12 s at 22,050 Hz -> 192,000 samples at 16 kHz
     assert record["frames"] == {s: 6 * n for s in ("train", "valid", "test")}
     assert record["extraction"]["pooling"] == "frames" and record["extraction"]["states"] is None
@@ -385,7 +387,7 @@ def test_beat_folder_sweep_extracts_once(tmp_path, monkeypatch):
     record, _ = run_cli(tmp_path, "beat", root, "--sweep", "--epochs", "2", "--batch-size", "4")
     assert record["clips"] == {"train": 6, "valid": 1, "test": 1} and sum(calls) == 8  # one window per track
     assert record["heads"] == len(record["grid"]) == 6 * 4 and record["sweep"]
-    assert [(g["layers"], g["lr"]) for g in record["grid"]] == [(c, lr) for lr in probe.SWEEP_LRS
+    assert [(g["layers"], g["lr"]) for g in record["grid"]] == [(c, lr) for lr in runs.SWEEP_LRS
                                                                 for c in ["all", 0, 1, 2]]  # lr-major, as MARBLE
     best = max(record["grid"], key=lambda g: g["valid"])
     assert (best["layers"], best["lr"]) == (record["layers"], record["lr"]) and best["test"] == record["metrics"]

@@ -1,4 +1,4 @@
-"""probe_features.py: windows as MARBLE cuts them, one waveform normalisation per clip, the cache key, the feature
+"""probing/features.py: windows as MARBLE cuts them, one waveform normalisation per clip, the cache key, the feature
 store (resume, errors) and the memory of head training on a large store."""
 import dataclasses
 import os
@@ -10,7 +10,9 @@ import torch
 from scipy.signal import resample_poly
 
 import probe
-import probe_features as pf
+from probing import models, runs, tasks
+import probing.clips as pc
+import probing.features as pf
 from data import downstream
 from model import Encoder, EncoderConfig
 
@@ -31,7 +33,7 @@ def write(path, x, sr=SR):
 
 def tiny_encoder(seed=0, **overrides):
     torch.manual_seed(seed)
-    return Encoder(EncoderConfig.hubert_base(**{**probe.TINY, **overrides})).eval()
+    return Encoder(EncoderConfig.hubert_base(**{**models.TINY, **overrides})).eval()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -55,14 +57,14 @@ def test_emo_windows_paper_and_music2vec_config(tmp_path):
     wav = tone(220, 45.0, SR, harmonics=3)
     wav[: 10 * SR] *= 0.1
     path = write(tmp_path / "emo.wav", wav)
-    ext = probe.TASKS["emo"].extraction
+    ext = tasks.TASKS["emo"].extraction
     w = pf.clip_windows(path, ext)
     assert [len(x) for x in w] == [5 * SR] * 6
     whole = np.concatenate(w)  # the 30 s crop is normalised as one clip
     assert abs(whole.std() - 1) < 1e-3 and w[0].std() < 0.2
     args = probe.parse_args(["--task", "emo", "--model", "random", "--data-root", "x", "--window", "30", "--crop",
                              "0"])
-    m2v = probe.task_extraction(probe.TASKS["emo"], args)
+    m2v = runs.task_extraction(tasks.TASKS["emo"], args)
     assert (m2v.window, m2v.crop) == (30.0, None)
     assert [len(x) for x in pf.clip_windows(path, m2v)] == [30 * SR, 15 * SR]
 
@@ -76,7 +78,7 @@ def test_vocalset_chunks_follow_marble(tmp_path):
         assert len(pf.vocalset_chunks(np.zeros(n), 44100, 3.0)) == want
     voice = tone(300, 6.4, 44100, harmonics=3) * np.linspace(0.2, 1, int(6.4 * 44100), dtype=np.float32)
     path = write(tmp_path / "v.wav", np.r_[np.zeros(int(0.3 * 44100), np.float32), voice], sr=44100)
-    w = pf.clip_windows(path, probe.VOCALSET)
+    w = pf.clip_windows(path, tasks.VOCALSET)
     trimmed = pf.trim_leading_silence(pf.load_audio(path, sr=44100), frame=882)
     assert len(voice) <= len(trimmed) < len(voice) + 882
     assert len(w) == 2 and all(len(x) == 47892 for x in w)  # ceil(132000 * 160 / 441)
@@ -111,7 +113,7 @@ def test_one_normalisation_per_clip_even_for_normalising_encoders(tmp_path):
     clip-normalised audio. (The conv front end's norms make features nearly scale-invariant, so the difference
     shows in near-silent windows, where the norms' eps takes over.)"""
     torch.manual_seed(0)
-    enc = Encoder(EncoderConfig.data2vec_base(**probe.TINY)).eval()
+    enc = Encoder(EncoderConfig.data2vec_base(**models.TINY)).eval()
     assert enc.cfg.normalize_waveform
     x = tone(330, 2.0, SR, harmonics=4)
     x[:SR] *= 1e-3
@@ -262,21 +264,21 @@ def test_head_training_memory_does_not_grow_with_windows(tmp_path):
     store.close()
     store = pf.FeatureStore(str(tmp_path / "s"), key)
     assert store.rows == 100_000
-    task = probe.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=1, patience=1,
+    task = tasks.Task(reader=None, kind="multiclass", num_classes=4, metrics=("acc",), epochs=1, patience=1,
                       plateau_patience=1)
-    split = lambda a, b: probe.SplitData(*store.item_rows([f"clip{c}" for c in range(a, b)])[:2],
+    split = lambda a, b: pc.SplitData(*store.item_rows([f"clip{c}" for c in range(a, b)])[:2],
                                          torch.from_numpy(rng.integers(0, 4, b - a)))
     data = {"train": split(0, 9600), "valid": split(9600, 9800), "test": split(9800, 10000)}
     rows = pf.Rows(store, "cpu", 0)
-    warm = {s: probe.SplitData(d.starts[:50], d.counts[:50], d.y[:50]) for s, d in data.items()}
-    probe.train_heads(task, rows, warm, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)  # first-use allocations
+    warm = {s: pc.SplitData(d.starts[:50], d.counts[:50], d.y[:50]) for s, d in data.items()}
+    pc.train_heads(task, rows, warm, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)  # first-use allocations
     before, peak = rss_anon_kib(), [0]
 
     def sampled(r):
         peak[0] = max(peak[0], rss_anon_kib())
         return rows(r)
 
-    probe.train_heads(task, sampled, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
+    pc.train_heads(task, sampled, data, ["all"], [1e-3], 1, 0, "cpu", log=lambda *a: None)
     growth_mib = (max(peak[0], rss_anon_kib()) - before) / 1024
     float32_mib = store.rows * S * D * 4 / 2 ** 20
     print(f"RssAnon growth {growth_mib:.1f} MiB (float32 features {float32_mib:.0f} MiB)")

@@ -1,4 +1,4 @@
-"""probe.py --mode fe|ft1|ft2 (probe_finetune.py): which weights each mode trains, early stopping on the validation
+"""probe.py --mode fe|ft1|ft2 (probing/finetune.py): which weights each mode trains, early stopping on the validation
 loss at a known epoch with the best epoch's weights tested, gradient accumulation equal to one batch, fe's features
 equal to the frozen probe's last state (the once-per-clip normalisation), clip logits averaged over windows, and the
 command line end to end on a tiny NSynth fixture (results line with its mode, the report's separate rows, a saved
@@ -14,8 +14,9 @@ import soundfile as sf
 import torch
 
 import probe
-import probe_features as pf
-import probe_finetune as ft
+from probing import models, tasks
+import probing.features as pf
+import probing.finetune as ft
 from data import downstream
 from model import Encoder, EncoderConfig, load_pretrained
 from test_probe import tone, write_nsynth, write_vocalset
@@ -25,7 +26,7 @@ SR = 16000
 
 def tiny_encoder(seed=0, **overrides):
     torch.manual_seed(seed)
-    return Encoder(EncoderConfig.hubert_base(**{**probe.TINY, **overrides})).eval()
+    return Encoder(EncoderConfig.hubert_base(**{**models.TINY, **overrides})).eval()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def nsynth(tmp_path_factory):
 
 
 def nsynth_data(root, task_name="nsynth_instr"):
-    task = probe.TASKS[task_name]
+    task = tasks.TASKS[task_name]
     listing = task.reader(str(root))
     reader = ft.AudioReader(task.extraction)
     assert reader.scan(listing.clips) == {}
@@ -179,7 +180,7 @@ def test_fe_features_are_the_frozen_probes_last_state(tmp_path):
     """fe's head reads exactly what the frozen probe stores as the last hidden state: the same windows (the clip
     z-normalised once, then cut) through an encoder that does not renormalise each window, even one configured to
     normalise its input (data2vec); mean over valid frames only."""
-    cfg = EncoderConfig.data2vec_base(**probe.TINY)
+    cfg = EncoderConfig.data2vec_base(**models.TINY)
     torch.manual_seed(0)
     enc = Encoder(cfg).eval()
     wav = tone(330, 12.5, SR, harmonics=3)
@@ -284,7 +285,7 @@ def test_cli_end_to_end_with_saved_model_and_report(tmp_path, capsys):
     # the encoder and head saved reproduce the run's test accuracy
     model = ft.FineTuneModel(saved, len(blob["labels"]))
     model.head.load_state_dict(blob["head"])
-    test = [c for c in probe.TASKS["nsynth_instr"].reader(str(root)).clips if c.split == "test"]
+    test = [c for c in tasks.TASKS["nsynth_instr"].reader(str(root)).clips if c.split == "test"]
     with torch.no_grad():
         logits = torch.stack([model(torch.from_numpy(pf.clip_windows(c.path, pf.Extraction())[0])[None])[0]
                               for c in test])
@@ -336,16 +337,16 @@ def test_cli_refuses_what_fine_tuning_does_not_run(tmp_path, capsys):
     assert set(args.tasks) == {"nsynth_instr", "nsynth_pitch", "gtzan_genre", "emo", "vocalset_tech",
                                "vocalset_singer", "mtt"}
     skips = capsys.readouterr().out.splitlines()
-    assert len(skips) == len(probe.TASKS) - 7 and all(s.startswith("skip ") for s in skips)
+    assert len(skips) == len(tasks.TASKS) - 7 and all(s.startswith("skip ") for s in skips)
     assert args.batch_seconds == ft.MICRO_SECONDS["cpu"]
     assert probe.parse_args(["--task", "nsynth_pitch"] + base).batch_seconds == 60.0  # frozen: as before
 
 
 def test_refusal_messages_are_one_line():
     for task, words in (("gs_key", "per song"), ("mtg_genre", "3,764 h"), ("gtzan_beat", "frame-level")):
-        why = ft.refusal(task, probe.TASKS[task])
+        why = ft.refusal(task, tasks.TASKS[task])
         assert words in why and "\n" not in why
-    assert all(ft.refusal(t, probe.TASKS[t]) is None for t in ("nsynth_pitch", "emo", "vocalset_tech", "mtt"))
+    assert all(ft.refusal(t, tasks.TASKS[t]) is None for t in ("nsynth_pitch", "emo", "vocalset_tech", "mtt"))
 
 
 def test_fe_pooled_once_equals_the_encoder_every_step(nsynth, monkeypatch):

@@ -12,9 +12,11 @@ import soundfile as sf
 import torch
 
 import probe
-import probe_metrics as pm
+from probing import tasks
+import probing.clips as pc
+import probing.metrics as pm
 from data import downstream
-from probe_features import Extraction, clip_windows
+from probing.features import Extraction, clip_windows
 
 META_HEADER = ["ID", "ARTIST", "SONG TITLE", "MIX", "LABEL", "BP GENRE", "BP BPM", "BP KEY"]
 # (id, ARTIST, MANUAL KEY, C). Jukemir's buckets (sha1 of the lowercased name mod 116, >= 100 valid): "Artist 0"
@@ -121,7 +123,7 @@ def test_windows_are_whole_30s_pieces_each_normalised(tmp_path):
     x = np.r_[0.01 * np.random.default_rng(0).standard_normal(30 * sr),
               0.5 * np.random.default_rng(1).standard_normal(45 * sr)].astype(np.float32)  # 75 s
     sf.write(tmp_path / "t.wav", x, sr, subtype="FLOAT")
-    ext = probe.TASKS["gs_key"].extraction
+    ext = tasks.TASKS["gs_key"].extraction
     windows = clip_windows(str(tmp_path / "t.wav"), ext)
     assert [len(w) for w in windows] == [30 * sr, 30 * sr]  # 75 s: two windows, the 15 s rest dropped
     for w in windows:
@@ -156,13 +158,13 @@ def logits_for(rows):
 
 def split_of(song_keys, owner):
     y = torch.tensor([pm.KEY_CLASSES.index(song_keys[o]) for o in owner])
-    return probe.SplitData(np.arange(len(owner)), np.ones(len(owner), np.int64), y, np.asarray(owner))
+    return pc.SplitData(np.arange(len(owner)), np.ones(len(owner), np.int64), y, np.asarray(owner))
 
 
 def test_ensembles_and_the_choice_on_validation_by_hand():
     """Each ensemble worked out by hand; the test figure is the ensemble best on validation (gmean here), not the
     one best on test (vote), as MARBLE's test_ensemble_score_val-select."""
-    names = probe.TASKS["gs_key"].metrics
+    names = tasks.TASKS["gs_key"].metrics
     # valid song 0, C major: windows C(1) G(5) C(1): vote C 1.0, max G 0.5 (a fifth), gmean C 1.0, mean C 1.0
     # valid song 1, A minor: windows E-min(3.0)/A-min(2.9), A-min(3.5): the vote ties 1-1 and scipy.stats.mode's
     # smallest class wins: E minor (16 < 21), 0.5; max, gmean and mean give A minor, 1.0
@@ -187,7 +189,7 @@ def test_ensembles_and_the_choice_on_validation_by_hand():
     assert t["clip_acc"] == pytest.approx(4 / 6)
     assert pm.key_metrics(test_logits, test, ("weighted",))["weighted"] == 1.0  # its own best would be vote
     # the monitored metric of several heads at once is each head's best ensemble on that split
-    task = probe.TASKS["gs_key"]
+    task = tasks.TASKS["gs_key"]
     assert pm.monitored(task, np.stack([valid_logits, -valid_logits]), valid)[0] == 1.0
 
 

@@ -12,9 +12,10 @@ import pytest
 import soundfile as sf
 
 import probe
+from probing import tasks
 from data import downstream
 from data.audio import load_audio
-from probe_features import read_16k
+from probing.features import read_16k
 
 HEADER = "TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def test_mtg_end_to_end_and_one_store_for_four_tasks(tmp_path):
     assert sorted(p.parent for p in (tmp_path / "cache").rglob("meta.json")) == stores
     assert g["clips"] == {"train": 9, "valid": 6, "test": 6} and len(g["layer_weights"]) == 3
     # the tag list comes from the split files: 3 genres here (87 in split-0 as distributed)
-    assert probe.load_task("mtg_genre", str(root), None)[0].num_classes == 3
+    assert tasks.load_task("mtg_genre", str(root), None)[0].num_classes == 3
 
 
 MEMORY_CHILD = r"""

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import probe
-import probe_report
+from model import Encoder
+from probing import models, tasks
+import probing.report as probe_report
 from test_probe import write_nsynth
 from test_probe_beat import make_beat_folder, make_gtzan
 from test_probe_gs import write_giantsteps
@@ -81,7 +83,7 @@ def test_task_all_and_report(tmp_path, capsys):
     ran = {t for t, _, _ in records}
     assert ran == {"nsynth_instr", "nsynth_pitch", "gs_key", "mtg_instrument", "mtg_moodtheme", "mtg_genre",
                    "mtg_top50"}
-    assert set(skips) == set(probe.TASKS) - ran  # one line for each task not run
+    assert set(skips) == set(tasks.TASKS) - ran  # one line for each task not run
     assert skips["gtzan_genre"] == f"skip gtzan_genre: {root / 'gtzan'}: no such folder"
     assert "annotations_final.csv: not found" in skips["mtt"]  # the folder is there, the data set is not
     tag = records["gs_key", "random", probe.SEED]["model_tag"]
@@ -99,7 +101,7 @@ def test_task_all_and_report(tmp_path, capsys):
     # a second model (one of our checkpoints) on one task, in its own results file; then the report of both
     from dataclasses import asdict
     import torch
-    enc = probe.Encoder(probe.MODEL_CONFIGS["tiny"]())
+    enc = Encoder(models.MODEL_CONFIGS["tiny"]())
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"encoder_config": asdict(enc.cfg), "encoder": enc.state_dict()}, ckpt)
     other = tmp_path / "other.jsonl"
@@ -123,7 +125,7 @@ def test_task_all_and_report(tmp_path, capsys):
 
 def test_task_all_shows_the_beat_columns(tmp_path, capsys):
     """--task all over ROOT/gtzan (GTZAN audio + GTZAN-Rhythm JAMS: the genre and the beat task) and ROOT/beat (a
-    .beats folder): the beat tasks declare their Table-1 columns (probe_frames.BEAT_TABLE), so the printed table and
+    .beats folder): the beat tasks declare their Table-1 columns (probing.frames.BEAT_TABLE), so the printed table and
     the CSV show MARBLE's F at 70 ms (the headline) and the per-track F, not the 20 ms figures, in the paper's order."""
     root = tmp_path / "data"
     make_gtzan(root / "gtzan", 2, seconds=4.0)
@@ -136,7 +138,7 @@ def test_task_all_shows_the_beat_columns(tmp_path, capsys):
     assert {t for t, _, _ in records} == {"gtzan_genre", "gtzan_beat", "beat"}
     beat = {t: records[t, "random", probe.SEED] for t in ("gtzan_beat", "beat")}
     for r in beat.values():
-        assert r["table"] == list(probe.TASKS[r["task"]].table) == ["f_70ms", "track_f_70ms"]
+        assert r["table"] == list(tasks.TASKS[r["task"]].table) == ["f_70ms", "track_f_70ms"]
         assert r["headline"] == "f_70ms" and set(r["metrics"]) == {"f_70ms", "f_20ms", "track_f_70ms",
                                                                   "track_f_20ms"}
     folder = runs / probe_report.row_key(beat["beat"])

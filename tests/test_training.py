@@ -2,7 +2,9 @@
 import math
 import os
 import random
+import re
 import signal
+import sys
 import threading
 import time
 import types
@@ -162,3 +164,44 @@ def test_encoder_flops_hand_count():
 def test_logger_format():
     line = training.TrainLogger.format(3, {"loss": 1.23456, "lr": 5e-4, "mfu": None, "skipped": 2})
     assert line == "step 3 | loss 1.235 | lr 5.000e-04 | mfu n/a | skipped 2"
+
+
+SCRIPTS = ["pretrain_musichubert.py", "pretrain_music2vec.py", "pretrain_wav2vec2.py"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args):
+    import subprocess
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_hyperparameter_with_its_default_and_comment(script, tmp_path):
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    settable = training.config_snapshot(vars(mod))
+    out_dir = tmp_path / "never"
+    r = run_script(script, f"--out_dir={out_dir}", "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: python {script} [config/FILE.py ...] [--key=value ...]")
+    lines = r.stdout.splitlines()
+    for key, value in settable.items():
+        assert f"  --{key}={getattr(mod, key)!r}" in r.stdout, key
+    with open(os.path.join(ROOT, script)) as f:  # the comment beside a global, and its group heading above it
+        source = f.read().splitlines()
+    i = next(i for i, line in enumerate(source) if line.startswith("learning_rate = "))
+    i = next(j for j in range(i, len(source)) if re.match(r"^[a-z_]+ = [^#]*  # ", source[j]))  # one with a comment
+    key, comment = source[i].split(" = ")[0], source[i].split("  # ", 1)[1].strip()
+    item = next(n for n, line in enumerate(lines) if line.startswith(f"  --{key}="))
+    assert comment and lines[item].endswith(comment)
+    heading = next(line[1:].strip() for line in reversed(source[:i]) if line.startswith("# ") and len(line) < 60)
+    assert heading in lines[:item] and lines.index(heading) < item
+    assert not out_dir.exists()  # --help does nothing else
+
+
+def test_unknown_key_names_the_nearest_and_help():
+    r = run_script("pretrain_musichubert.py", "--lerning_rate=1e-3")
+    assert r.returncode != 0
+    assert "unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in r.stderr
+    assert "python pretrain_musichubert.py --help lists them" in r.stderr

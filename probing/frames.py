@@ -3,8 +3,8 @@
     python probe.py --task gtzan_beat --model out/ckpt.pt --data-root ~/data/gtzan
     python probe.py --task beat --model out/ckpt.pt --data-root ~/data/ballroom --sweep
 
-It sits beside the clip-level path (probe.py, probe_features.py) and shares its heads, optimiser and schedule
-(probe_heads.py), feature store, and the steps of a run (probe.py: task grid, extraction, results line), but its rows
+It sits beside the clip-level path (probe.py, probing/features.py) and shares its heads, optimiser and schedule
+(probing/heads.py), feature store, and the steps of a run (probe.py: task grid, extraction, results line), but its rows
 are 20 ms frames instead of pooled windows, a training item is a random 10 s crop of a track, and a track is scored
 by decoding its whole activation with madmom's DBN.
 
@@ -16,7 +16,7 @@ by decoding its whole activation with madmom's DBN.
    line last, so an interrupted extraction resumes at the first unfinished track and memory holds one window.
    Disk: 2 bytes x states x dim x 50 per second; GTZAN (929 tracks, 13 x 768) is 27.9 GB, one state (--layers K)
    2.1 GB; the run says what it needs and stops before extracting if the disk has less.
-2. Train. The probe head (probe_heads.py) applied to every frame, with ONE output and BCE-with-logits (beat_loss),
+2. Train. The probe head (probing/heads.py) applied to every frame, with ONE output and BCE-with-logits (beat_loss),
    on batches of 64 tracks, each a random 10 s crop (500 frames) drawn anew every epoch; frames within one of a beat
    are positive in training (MARBLE's +-1); Adam, ReduceLROnPlateau and early stopping per head (HeadSchedule).
    --sweep trains the lr x layer grid together on the same crops, reading the one store: the encoder runs once.
@@ -47,12 +47,13 @@ from madmom.features.beats import DBNBeatTrackingProcessor
 
 from data.audio import SAMPLE_RATE, AudioError, audio_info
 from model import receptive_field
-from probe_features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, cache_key, encode, prefetch,
-                            read_16k, rows_of, store_path, znorm_)
-from probe_heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results
+from probing import runs
+from probing.features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, cache_key, encode, prefetch,
+                              read_16k, rows_of, store_path, znorm_)
+from probing.heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results, validation_best
 
 BEAT_METRICS = ("f_70ms", "f_20ms", "track_f_70ms", "track_f_20ms")  # the first is the headline and the monitor
-BEAT_TABLE = ("f_70ms", "track_f_70ms")  # the Table-1 columns (probe_report.py): the headline and the standard
+BEAT_TABLE = ("f_70ms", "track_f_70ms")  # the Table-1 columns (probing/report.py): the headline and the standard
 TOLERANCES = {"70ms": 0.07, "20ms": 0.02}  # MARBLE's code: 70 ms; the papers' text: 20 ms
 CROP_SECONDS = 10.0  # MARBLE v1: a random 10 s crop of each training track per epoch
 NEIGHBOURS = 1  # training labels: frames within 1 of a beat's frame are positive too (MARBLE v1's CE variant)
@@ -68,7 +69,7 @@ class FrameExtraction:
     window: float = 30.0  # seconds of audio per encoder call (MARBLE decodes 30 s valid/test clips in one piece)
     min_last: float = 1.0  # a last window shorter than this joins the one before it (no frame is ever dropped)
     crop: Optional[float] = None  # only the first `crop` seconds
-    normalize: str = "clip"  # z-normalise the whole track once, as probe_features.clip_windows
+    normalize: str = "clip"  # z-normalise the whole track once, as probing.features.clip_windows
     pooling: str = "frames"  # one row per frame: nothing is pooled
     states: Optional[tuple] = None  # the hidden states stored: None all, else e.g. (7,) for --layers 7
 
@@ -78,13 +79,6 @@ class FrameExtraction:
 
 
 FRAMES = FrameExtraction()
-
-
-def _probe():
-    """probe.py, for the steps of a run it shares with the clip-level path (task grid, extraction, results lines);
-    imported when needed because probe.py imports this module."""
-    import probe
-    return probe
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,7 +110,7 @@ def num_frames(num_samples, stride):
 
 
 def read_track(path, ext):
-    """The track at 16 kHz (its first `crop` seconds), z-normalised once, as probe_features.clip_windows reads a
+    """The track at 16 kHz (its first `crop` seconds), z-normalised once, as probing.features.clip_windows reads a
     clip: block-wise resampling and in-place normalisation, so a 10-minute track is held about once."""
     return znorm_(read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * SAMPLE_RATE))))
 
@@ -124,7 +118,7 @@ def read_track(path, ext):
 @torch.no_grad()
 def frame_hidden_states(encoder, inputs, keeps, states, device):
     """Encoder inputs (1-D float32 arrays) -> per input a float32 array [keep, len(states), dim] of the chosen hidden
-    states at each kept frame (the track was normalised once already: probe_features.encode)."""
+    states at each kept frame (the track was normalised once already: probing.features.encode)."""
     out, lengths = encode(encoder, inputs, device)
     h = torch.stack([out.hidden_states[s] for s in states], 2)  # B x T x S' x D
     frames = encoder.num_frames(lengths)
@@ -414,7 +408,7 @@ def score_heads(heads, rows, split, fps, decoder, cap, which=None, full=True):
 def train_beat_heads(task, rows, data, labels, layer_choices, lrs, epochs, seed, device, fps, decoder,
                      log=print, batch_size=64):
     """Trains the grid layer_choices x lrs together on frames (choices index the stored states). Returns (results,
-    heads) as probe.train_heads, with the same per-head schedule (probe_heads.HeadSchedule): per head in grid order
+    heads) as probing.clips.train_heads, with the same per-head schedule (probing.heads.HeadSchedule): per head in grid order
     (lr-major), the best validation f_70ms, its epoch, and the four figures on valid and test at the best weights."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -449,7 +443,7 @@ def train_beat_heads(task, rows, data, labels, layer_choices, lrs, epochs, seed,
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# one (task, model) run, called by probe.run
+# one (task, model) run, called by probe.py (run)
 
 def folder_store_name(root):
     """`beat` reads any folder, whose clip keys are relative to it: one store name per folder."""
@@ -459,25 +453,24 @@ def folder_store_name(root):
 
 
 def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
-    """probe.run for a beat task, from its listing on: frames instead of windows, crops and beat decoding."""
-    P = _probe()
+    """The run of a beat task, from its listing on: frames instead of windows, crops and beat decoding."""
     num_states = encoder.cfg.layers + 1
-    choices, lrs = P.head_grid(task, args, num_states)
+    choices, lrs = runs.head_grid(task, args, num_states)
     one = choices[0] if len(choices) == 1 and isinstance(choices[0], int) else None  # --layers K: store state K only
-    ext = dataclasses.replace(P.task_extraction(task, args), states=None if one is None else (one,))
+    ext = dataclasses.replace(runs.task_extraction(task, args), states=None if one is None else (one,))
     key = json.loads(json.dumps(cache_key(tag, ext)))  # as meta.json holds it (states: a list)
     features = folder_store_name(args.data_root) if task.features == "beat" else task.features
     path = store_path(args.cache_dir, features, key)
-    store, failed, extract_s = P.extract_or_exit(task_name, extract_frames, ext, listing.clips, encoder, path, key,
+    store, failed, extract_s = runs.extract_or_exit(task_name, extract_frames, ext, listing.clips, encoder, path, key,
                                                  args, log)
-    splits = P.usable_splits(task_name, listing.clips, failed, log, what="tracks")
+    splits = runs.usable_splits(task_name, listing.clips, failed, log, what="tracks")
     _, stride = receptive_field(encoder.cfg.conv_layers)
     fps = SAMPLE_RATE / stride
     data = {split: beat_split(store, part, fps) for split, part in splits.items()}
     labels = train_labels(store.rows, data["train"], fps)
     stored = stored_states(ext, encoder)
     head_choices = [c if isinstance(c, str) else stored.index(c) for c in choices]
-    rows = Rows(store, args.device, P.FEATURES_ON_DEVICE_BYTES)
+    rows = Rows(store, args.device, runs.FEATURES_ON_DEVICE_BYTES)
     decoder = Decoder()
     t0 = time.time()
     try:
@@ -491,28 +484,28 @@ def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
         full = np.zeros(num_states)
         full[stored] = x["layer_weights"]
         x["layer_weights"] = [round(float(w), 4) for w in full]
-    record = P.result_record(task_name, task, model_spec, tag, args, results, splits, ext, failed,
+    record = runs.result_record(task_name, task, model_spec, tag, args, results, splits, ext, failed,
                              dict(extract=extract_s, train=train_s),
                              frames={s: int(d.counts.sum()) for s, d in data.items()},
                              beats={s: int(sum(len(b) for b in d.beats)) for s, d in data.items()},
                              items={s: len(d) for s, d in data.items()}, headline=task.metrics[0], fps=fps)
     if args.save_heads:
         record["head_file"] = save_beat_head(args.save_heads, task_name, task, listing, ext, model_spec, tag, encoder,
-                                             args.seed, heads, P.validation_best(results), stored, fps)
-    return P.write_result(record, results, task, args, log)
+                                             args.seed, heads, validation_best(results), stored, fps)
+    return runs.write_result(record, results, task, args, log)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # saved beat heads and prediction
 
 def save_beat_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, stored, fps):
-    """probe.save_head with the head's layer weights spread over all the model's states (zero for those not
+    """probing.runs.save_head with the head's layer weights spread over all the model's states (zero for those not
     stored), so that `probe.py predict` can apply it to the encoder's full hidden states."""
     state = heads.head_state(*r["cell"])
     full = torch.zeros(encoder.cfg.layers + 1)
     full[stored] = state["layer_weights"]
     state["layer_weights"] = full
-    return _probe().save_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, state=state,
+    return runs.save_head(folder, task_name, task, listing, ext, spec, tag, encoder, seed, heads, r, state=state,
                               fps=fps)
 
 

@@ -16,13 +16,8 @@ import sys
 
 import numpy as np
 
-# The paper's Table 1, left to right, with its column names; tasks not listed follow in the order they appear.
-TABLE_ORDER = ["mtt", "gs_key", "gtzan_genre", "emo", "nsynth_instr", "nsynth_pitch", "vocalset_tech",
-               "vocalset_singer", "gtzan_beat", "mtg_instrument", "mtg_moodtheme", "mtg_genre", "mtg_top50", "beat"]
-TABLE_NAMES = dict(mtt="MTT", gs_key="GS", gtzan_genre="GTZAN", emo="EMO", nsynth_instr="NSynthI",
-                   nsynth_pitch="NSynthP", vocalset_tech="VocalSetT", vocalset_singer="VocalSetS",
-                   gtzan_beat="GTZANBT", mtg_instrument="MTGInstrument", mtg_moodtheme="MTGMood",
-                   mtg_genre="MTGGenre", mtg_top50="MTGTop50", beat="Beat")
+from probing.tasks import TABLE_NAMES, TABLE_ORDER  # the paper's Table 1, left to right, and its column names
+
 METRIC_NAMES = dict(roc_auc="ROC", ap="AP", acc="Acc", weighted="AccW", r2="R2", valence_r2="R2V",
                     arousal_r2="R2A", f_70ms="F70", f_20ms="F20", track_f_70ms="F70/track",
                     track_f_20ms="F20/track")

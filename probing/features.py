@@ -320,7 +320,7 @@ class FeatureStore:
 
     def write_part(self, a):
         """Rows of the clip being written, appended now; its index line comes with commit(). A long track's frame
-        rows (probe_frames.py) go to disk window by window, so memory holds one window, not the track."""
+        rows (probing/frames.py) go to disk window by window, so memory holds one window, not the track."""
         if tuple(a.shape[1:]) != self.row_shape:
             raise ValueError(f"rows of shape {a.shape[1:]}, the store holds {self.row_shape}")
         if self._part is None:

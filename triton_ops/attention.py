@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import kernels
+import triton_ops
 
 try:  # Triton is optional: without it (macOS, CPU-only wheels) the torch path below still works.
     import triton
@@ -303,7 +303,7 @@ if HAS_TRITON:
 
 # Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages) with BLOCK_M = query rows and BLOCK_N = key rows of
 # a tile, per kernel, input element size (2: fp16/bf16, 4: fp32 as 3xTF32) and head-dim class (dim_class). Chosen from
-# kernels/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200) with dropout (the variant with more
+# triton_ops/compile_check.py's compile data for sm_80 (A100) and sm_90 (H100/H200) with dropout (the variant with more
 # registers live): none asks for more shared memory than the GPU has or spills more than
 # compile_check.MAX_SPILL_BYTES per thread, and tests/test_kernels_compile.py recompiles them (`--full`: every dtype,
 # head dim, with and without dropout) to hold them to that. Larger tiles spill with dropout on sm_80: dK/dV at
@@ -337,7 +337,7 @@ CONFIGS.update({
 })
 KINDS = ("fwd", "dkdv", "dq")
 
-# The GPU whose limits the configs are planned for: kernels.gpu_limits (kernels/__init__.py).
+# The GPU whose limits the configs are planned for: triton_ops.gpu_limits (triton_ops/__init__.py).
 
 
 def shared_memory_estimate(kind, config, elt, head_dim, dropout, arch):
@@ -369,7 +369,7 @@ def dim_class(head_dim):
 def kernel_configs(kind, device, dtype, head_dim, dropout):
     """The candidates of CONFIGS that fit this device for these inputs (empty if none does)."""
     elt = dtype.itemsize
-    arch, max_shared = kernels.gpu_limits(device)
+    arch, max_shared = triton_ops.gpu_limits(device)
     return [c for c in CONFIGS[(kind, elt, dim_class(head_dim))]
             if shared_memory_estimate(kind, c, elt, head_dim, dropout, arch) <= max_shared]
 
@@ -378,10 +378,10 @@ def kernel_fits(device, dtype, head_dim, dropout):
     """Whether forward and both backward kernels have a config for this device and input; says once if not."""
     if all(kernel_configs(kind, device, dtype, head_dim, dropout) for kind in KINDS):
         return True
-    key = (kernels.gpu_limits(device), dtype, head_dim, bool(dropout))
+    key = (triton_ops.gpu_limits(device), dtype, head_dim, bool(dropout))
     if key not in _SAID:
         _SAID.add(key)
-        arch, max_shared = kernels.gpu_limits(device)
+        arch, max_shared = triton_ops.gpu_limits(device)
         print(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {dtype} head dim "
               f"{head_dim}{' with dropout' if dropout else ''}; using torch's scaled_dot_product_attention",
               file=sys.stderr, flush=True)
@@ -546,7 +546,7 @@ def attention_triton(q, k, v, lengths=None, dropout_p=0.0, seed=None):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if q.is_cuda and not (_PINNED or all(kernel_configs(kind, q.device, q.dtype, q.shape[-1], dropout_p > 0)
                                          for kind in KINDS)):
-        arch, max_shared = kernels.gpu_limits(q.device)
+        arch, max_shared = triton_ops.gpu_limits(q.device)
         raise RuntimeError(f"attention: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {q.dtype} "
                            f"head dim {q.shape[-1]}; use the torch or auto backend")
     if seed is None:

@@ -1,4 +1,4 @@
-"""Tests for kernels/: the Triton attention and k-means kernels against their plain-torch references.
+"""Tests for triton_ops/: the Triton attention and k-means kernels against their plain-torch references.
 
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 and the real kernel code runs on CPU tensors under Triton's
 interpreter (tiles of 16, so the small odd shapes here span several blocks). With a GPU the same tests run natively.
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-import kernels.attention as attn
-import kernels.kmeans as km
+import triton_ops
+import triton_ops.attention as attn
+import triton_ops.kmeans as km
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not attn.HAS_TRITON, reason="triton is not installed")
@@ -193,7 +193,7 @@ def test_kernels_fall_back_to_torch_when_no_config_fits(capsys, monkeypatch):
     from types import SimpleNamespace
     cuda_q = SimpleNamespace(is_cuda=True, shape=(2, 2, 100, 128), dtype=torch.float32, device=torch.device("cuda"))
     monkeypatch.setattr(attn, "HAS_TRITON", True)
-    monkeypatch.setattr(kernels, "GPU_TARGET", (75, 1024))  # a GPU with 1 KB of shared memory: nothing fits
+    monkeypatch.setattr(triton_ops, "GPU_TARGET", (75, 1024))  # a GPU with 1 KB of shared memory: nothing fits
     assert not attn._kernel_applies(cuda_q, 0.1)
     assert not attn._kernel_applies(cuda_q, 0.1)
     said = capsys.readouterr().err
@@ -202,7 +202,7 @@ def test_kernels_fall_back_to_torch_when_no_config_fits(capsys, monkeypatch):
     assert "k-means: no kernel config fits sm_75" in capsys.readouterr().err
     # on the named targets every input the kernels accept keeps a config (tests/test_kernels_compile.py compiles them)
     for target in [(80, 166_912), (90, 232_448)]:
-        monkeypatch.setattr(kernels, "GPU_TARGET", target)
+        monkeypatch.setattr(triton_ops, "GPU_TARGET", target)
         for dtype in attn.SUPPORTED_DTYPES:
             for D in attn.SUPPORTED_HEAD_DIMS:
                 assert attn._kernel_applies(SimpleNamespace(**dict(vars(cuda_q), shape=(2, 2, 100, D), dtype=dtype)),
@@ -244,7 +244,7 @@ def test_torch_paths_work_without_triton_and_env_var_sets_backend():
     code = """
 import sys; sys.modules["triton"] = None
 import torch
-import kernels.attention as attn, kernels.kmeans as km
+import triton_ops.attention as attn, triton_ops.kmeans as km
 assert not attn.HAS_TRITON and not km.HAS_TRITON
 assert attn.BACKEND == "torch" and km.BACKEND == "auto"
 q = torch.randn(2, 1, 5, 8)

@@ -15,13 +15,13 @@ Fine-tuning is Adam (torch defaults, no weight decay, constant lr) with lr 1e-5 
 for the head. Every mode stops once the validation loss has not fallen for 10 epochs (or at --epochs, by default the
 task's cap: 50 for NSynth, 100 otherwise) and tests the weights of the lowest validation loss.
 
-What is the same as the frozen probe, read from the same code: the task definitions and readers (probe.TASKS, passed
-in by probe.py), the windows of a clip (probe_features.clip_windows: each clip z-normalised ONCE, then cut, and the
+What is the same as the frozen probe, read from the same code: the task definitions and readers (probing.tasks.TASKS, passed
+in by probe.py), the windows of a clip (probing.features.clip_windows: each clip z-normalised ONCE, then cut, and the
 encoder called with normalize=False, so a data2vec encoder does not renormalise each window), a training batch of
---batch-size items with all their windows (each window a row with its clip's label; probe.loss_fn averaged over
-rows), logits averaged over a clip's windows at evaluation (probe.clip_average), the metrics (probe_metrics), the
-splits less the unusable clips (probe.usable_splits) and the results line (probe.result_record, with the fine-tuning
-fields added; probe.append_record). What differs: no feature store; the
+--batch-size items with all their windows (each window a row with its clip's label; probing.clips.loss_fn averaged over
+rows), logits averaged over a clip's windows at evaluation (probing.clips.clip_average), the metrics (probing.metrics), the
+splits less the unusable clips (probing.runs.usable_splits) and the results line (probing.runs.result_record, with the fine-tuning
+fields added; probing.runs.append_record). What differs: no feature store; the
 encoder runs on audio every step (decoded audio is kept in memory up to AUDIO_CACHE_BYTES, then re-read), a batch
 goes through the encoder in pieces of at most --batch-seconds of (padded) audio whose gradients add up to the whole
 batch's (accumulation), bf16 autocast on CUDA, and the validation loss (of clip-level logits) decides the epoch.
@@ -50,8 +50,10 @@ import torch.nn as nn
 
 from data.audio import SAMPLE_RATE, AudioError
 from model import Encoder
-from probe_features import AUDIO_WORKERS, _read_windows, describe_windows, prefetch
-from probe_metrics import split_metrics
+from probing import runs
+from probing.clips import clip_average, loss_fn
+from probing.features import AUDIO_WORKERS, _read_windows, describe_windows, prefetch
+from probing.metrics import split_metrics
 from training import NonFiniteGuard, NonFiniteLossError, autocast_context
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -91,8 +93,9 @@ def add_arguments(p):
     """probe.py's command-line flags for the fine-tuning modes."""
     p.add_argument("--mode", default="frozen", choices=("frozen",) + MODES,
                    help="frozen: the MARBLE probe on frozen features (default); the wav2vec 2.0 paper's head (time "
-                        "mean of the last layer -> linear) with fe: only the head trains, ft2: the encoder but its "
-                        "conv front end trains too, ft1: everything trains (probe_finetune.py)")
+                        "mean of the last layer -> linear) with fe: only the head trains, ft2: the head and the "
+                        "transformer side train, the conv front end stays frozen, ft1: everything trains, the conv "
+                        "front end included (probing/finetune.py)")
     p.add_argument("--encoder-lr", type=float, default=None,
                    help=f"ft1/ft2: Adam lr of the pre-trained weights (default {ENCODER_LR:g}); --lr sets the head's "
                         f"(default fe {FE_LR:g}, ft1/ft2 {HEAD_LR:g})")
@@ -198,7 +201,7 @@ class Items:
 
 
 class AudioReader:
-    """Windows of a clip (probe_features.clip_windows, the probe's normalisation and cut), decoded once at the start
+    """Windows of a clip (probing.features.clip_windows, the probe's normalisation and cut), decoded once at the start
     (which also finds the unusable clips) and kept in memory up to AUDIO_CACHE_BYTES; clips beyond that are decoded
     again when a batch needs them."""
 
@@ -320,17 +323,10 @@ def pooled_windows(model, windows, device, autocast):
         return model.pooled(*padded(windows, device)).float()
 
 
-def _probe():
-    """probe.py, for what fine-tuning shares with the frozen probe (its loss, clip average, splits and results
-    lines); imported when needed because probe.py imports this module."""
-    import probe
-    return probe
-
-
 def row_loss(kind, logits, y):
-    """The frozen probe's loss (probe.loss_fn: MARBLE's cross entropy, BCE with logits, MSE), the mean over the rows
+    """The frozen probe's loss (probing.clips.loss_fn: MARBLE's cross entropy, BCE with logits, MSE), the mean over the rows
     of N x outputs logits."""
-    return _probe().loss_fn(kind, logits[None], y if kind == "multiclass" else y.to(logits.dtype))
+    return loss_fn(kind, logits[None], y if kind == "multiclass" else y.to(logits.dtype))
 
 
 def accumulate(model, kind, windows, y_rows, budget, device, autocast):
@@ -355,7 +351,7 @@ def evaluate(model, reader, items, kind, budget, device, autocast, batch_size):
     for idx, windows, owner in batches(reader, items, np.arange(len(items)), batch_size):
         logits = torch.cat([window_logits(model, windows[a:b], device, autocast).cpu()
                             for a, b in pieces([len(w) for w in windows], budget)])
-        out[torch.from_numpy(idx)] = _probe().clip_average(logits[None], owner, len(idx))[0]
+        out[torch.from_numpy(idx)] = clip_average(logits[None], owner, len(idx))[0]
     return out, float(row_loss(kind, out, items.y))
 
 
@@ -464,17 +460,17 @@ def describe(model, mode, head_lr, encoder_lr):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# one (task, model) run, called by probe.run
+# one (task, model) run, called by probe.py (run)
 
 def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print):
     """Fine-tunes (or, in fe, trains the head on) one task and appends the results line probe.py writes, with
     `mode` recorded. task, listing and ext come from probe.py (its TASKS, readers and --window/--crop)."""
-    P, mode = _probe(), args.mode
+    mode = args.mode
     cpu0, t0 = time.process_time(), time.time()
     reader = AudioReader(ext)
     failed = reader.scan(listing.clips)
     read_s = time.time() - t0
-    splits = P.usable_splits(task_name, listing.clips, failed, log)
+    splits = runs.usable_splits(task_name, listing.clips, failed, log)
     data = {split: make_items(part, reader, task.item, task.kind) for split, part in splits.items()}
     head_lr = args.lr or (FE_LR if mode == "fe" else HEAD_LR)
     encoder_lr = args.encoder_lr if args.encoder_lr is not None else ENCODER_LR
@@ -504,7 +500,7 @@ def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print
     test = split_metrics(task, outs["test"].numpy(), data["test"], valid=valid)
     result = dict(layers="last", lr=head_lr, best_epoch=fit["best_epoch"], best_valid=valid[task.metrics[0]],
                   valid=valid, test=test, layer_weights=None, cell=(0, 0))
-    record = P.result_record(task_name, task, model_spec, tag, args, [result], splits, ext, failed,
+    record = runs.result_record(task_name, task, model_spec, tag, args, [result], splits, ext, failed,
                              dict(read=read_s, train=train_s, cpu=time.process_time() - cpu0), windows=windows,
                              items={s: len(d) for s, d in data.items()})
     record.update(mode=mode, encoder_lr=None if mode == "fe" else encoder_lr, epochs=fit["epochs"],
@@ -514,7 +510,7 @@ def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print
     if args.save_model:
         record["model_file"] = save_model(args.save_model, task_name, mode, model, encoder.cfg, listing, ext,
                                           model_spec, tag, record)
-    P.append_record(record, args.results)
+    runs.append_record(record, args.results)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items())
     log(f"{task_name}  {model_spec}  --mode {mode}  test {shown}  (valid loss {fit['valid_loss']:.4f} at epoch "
         f"{fit['best_epoch']} of {fit['epochs']}, {'stopped early' if fit['stopped'] == 'early' else 'epoch cap'}; "

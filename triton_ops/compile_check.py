@@ -1,10 +1,10 @@
 """Compile the project's Triton kernels for a named NVIDIA GPU on any machine, no GPU needed, and check what each
 launch would ask of that GPU.
 
-    python -m kernels.compile_check                     # representative subset, sm_80 (A100) and sm_90 (H100/H200)
-    python -m kernels.compile_check --full --json out.jsonl
+    python -m triton_ops.compile_check                     # representative subset, sm_80 (A100) and sm_90 (H100/H200)
+    python -m triton_ops.compile_check --full --json out.jsonl
 
-How: the launchers in kernels/attention.py and kernels/kmeans.py are called on small CPU tensors with Triton's
+How: the launchers in triton_ops/attention.py and triton_ops/kmeans.py are called on small CPU tensors with Triton's
 launch machinery intercepted, so every launch is recorded with the exact arguments, specialisations (pointer and
 stride divisibility, constants) and the configs its autotuner would try after pruning for the target; each of those
 is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`. From each compile:
@@ -34,11 +34,11 @@ import warnings
 import torch
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    raise SystemExit("kernels.compile_check compiles real kernels: run it with TRITON_INTERPRET unset or 0")
+    raise SystemExit("triton_ops.compile_check compiles real kernels: run it with TRITON_INTERPRET unset or 0")
 
 import triton  # noqa: E402
 
-import kernels  # noqa: E402
+import triton_ops  # noqa: E402
 
 try:  # compiler internals (Triton 3.4+): how a launch is specialised and compiled
     from triton import knobs
@@ -47,7 +47,7 @@ try:  # compiler internals (Triton 3.4+): how a launch is specialised and compil
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
 except ImportError as e:
-    print(f"kernels.compile_check needs Triton >= 3.4's compiler internals, this is Triton {triton.__version__}: {e}",
+    print(f"triton_ops.compile_check needs Triton >= 3.4's compiler internals, this is Triton {triton.__version__}: {e}",
           file=sys.stderr)
     sys.exit(3)
 
@@ -122,12 +122,12 @@ def recording(into):
 
 def _plan_for(arch):
     """Tell the kernel modules which GPU to plan configs for (they read the current device otherwise)."""
-    kernels.GPU_TARGET = (arch, TARGETS[arch][1])
+    triton_ops.GPU_TARGET = (arch, TARGETS[arch][1])
 
 
 def attention_launches(arch, dtypes, head_dims, dropouts, T=1500):
     """Forward and both backward launches, in model.py's layout (B x T x H x D projections viewed as B x H x T x D)."""
-    import kernels.attention as attn
+    import triton_ops.attention as attn
     _plan_for(arch)
     out = []
     for dname in dtypes:
@@ -150,7 +150,7 @@ def attention_launches(arch, dtypes, head_dims, dropouts, T=1500):
 
 
 def dropout_mask_launches(arch):
-    import kernels.attention as attn
+    import triton_ops.attention as attn
     _plan_for(arch)
     rec = []
     with recording(rec):
@@ -162,7 +162,7 @@ def dropout_mask_launches(arch):
 def kmeans_launches(arch, variants, dims, K=500, N=4099):
     """variants: "fp32" (3xTF32), "tf32" (fp32 with allow_tf32), "bf16", "fp16"; each as assign, fused assign+sum
     and (fp32/bf16) the separate cluster_sums."""
-    import kernels.kmeans as km
+    import triton_ops.kmeans as km
     _plan_for(arch)
     km._use_triton = lambda *a, **k: True  # the launchers refuse CPU tensors outside the interpreter; here nothing runs
     out = []
@@ -430,7 +430,7 @@ def _estimate(row):
     """The kernel module's own shared-memory estimate for a compiled row, or None where it has none."""
     meta, cfg = row["meta"], row["config"]
     if meta.get("module") == "attention":
-        import kernels.attention as attn
+        import triton_ops.attention as attn
         if not hasattr(attn, "shared_memory_estimate"):
             return None
         elt = DTYPES[meta["dtype"]].itemsize
@@ -438,7 +438,7 @@ def _estimate(row):
                                                           cfg["num_stages"]), elt, meta["head_dim"], meta["dropout"],
                                            row["arch"])
     if meta.get("module") == "kmeans" and meta.get("kind") == "assign":
-        import kernels.kmeans as km
+        import triton_ops.kmeans as km
         if not hasattr(km, "shared_memory_estimate"):
             return None
         return km.shared_memory_estimate((cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]),
@@ -448,8 +448,8 @@ def _estimate(row):
 
 def _static_configs_left(archs):
     """Every input the kernels accept, on every target: the configs the modules would offer the autotuner."""
-    import kernels.attention as attn
-    import kernels.kmeans as km
+    import triton_ops.attention as attn
+    import triton_ops.kmeans as km
     lines = []
     for arch in archs:
         if hasattr(attn, "kernel_configs"):

@@ -5,7 +5,7 @@ import functools
 import torch
 
 # Plan for this GPU instead of the current device: (compute capability as 80 / 90 / ..., max shared memory per block
-# in bytes). kernels/compile_check.py sets it (tests too) to check the named targets without owning them.
+# in bytes). triton_ops/compile_check.py sets it (tests too) to check the named targets without owning them.
 GPU_TARGET = None
 
 

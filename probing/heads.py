@@ -1,4 +1,4 @@
-"""The probe heads of probe.py and probe_frames.py: a grid of C layer choices x K learning rates, every head
+"""The probe heads of probe.py and probing/frames.py: a grid of C layer choices x K learning rates, every head
 (softmax-weighted sum over the hidden states -> Linear -> ReLU -> Dropout -> Linear, MARBLE v1's probe) trained
 together on the same batches, with its own Adam learning rate and its own plateau / early-stopping schedule.
 
@@ -181,7 +181,7 @@ class HeadSchedule:
     """Per head of a C x K grid, MARBLE's Lightning callbacks: ReduceLROnPlateau (mode max, factor 0.5, threshold 1e-4
     relative) on the head's lr in `opt`, EarlyStopping (stops after `patience` epochs without a strictly better
     score), ModelCheckpoint (keeps the weights of the first best). A stopped head keeps its best weights and gets lr 0.
-    Both trainers (train_heads; probe_frames.train_beat_heads) call step() once an epoch, restore() at the end."""
+    Both trainers (train_heads; probing.frames.train_beat_heads) call step() once an epoch, restore() at the end."""
 
     def __init__(self, heads, opt, patience, plateau_patience, monitor, log=print):
         H = heads.num_heads

@@ -2,9 +2,9 @@
 every config the autotuners may pick fits the target's shared memory, spills at most compile_check.MAX_SPILL_BYTES,
 and every dtype x head dim x target keeps a config; atomics are relaxed, the dropout seed is not specialised, k-means
 centroid rows are aligned, dropout's instruction cost is bounded, and the kernel modules' static shared-memory
-estimates are upper bounds of the compiler's figures. See kernels/compile_check.py.
+estimates are upper bounds of the compiler's figures. See triton_ops/compile_check.py.
 
-The default run compiles a representative subset (kernels.compile_check.subset_launches) in one subprocess (Triton
+The default run compiles a representative subset (triton_ops.compile_check.subset_launches) in one subprocess (Triton
 must not be in interpreter mode there); results are cached per compile key under $MUSICSSL_COMPILE_CACHE (default
 ~/.cache/musicssl/compile_check), so a re-run only compiles what changed. MUSICSSL_COMPILE_FULL=1 compiles every
 dtype, head dim and k-means variant instead (about 10x the compiles).
@@ -31,14 +31,14 @@ CHECKS = ["shared memory", "no config left", "spills", "compile error", "too man
 def compile_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile")
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--quiet", "--json", str(out / "rows.jsonl"),
+    cmd = [sys.executable, "-m", "triton_ops.compile_check", "--quiet", "--json", str(out / "rows.jsonl"),
            "--failures-json", str(out / "failures.json"), "--workers", str(min(2, os.cpu_count() or 1))]
     result = subprocess.run(cmd + (["--full"] if FULL else []), cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=3600)
     if result.returncode == 3:  # a Triton without the compiler internals the check drives
         pytest.skip(result.stderr.strip())
     if not os.path.exists(out / "failures.json"):
-        pytest.fail(f"kernels.compile_check did not finish:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(f"triton_ops.compile_check did not finish:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(out / "rows.jsonl")]
     return rows, json.load(open(out / "failures.json")), result.stdout
 
@@ -69,7 +69,7 @@ def test_compile_check_covers_both_targets_and_every_kernel(compile_results):
 def test_compile_check_catches_what_it_claims():
     """The checks themselves, on hand-made rows: each kind of defect is reported, a clean row is not."""
     code = r"""
-import json, kernels.compile_check as cc
+import json, triton_ops.compile_check as cc
 base = dict(arch=80, gpu="A100", max_shared=166912, case="attention fwd bf16 d64 dropout", kernel="_attn_fwd_kernel",
             num_configs=4, prune_error=None, do_not_specialize=["seed", "threshold"],
             meta=dict(module="attention", kind="fwd", dtype="bf16", head_dim=64, dropout=True),

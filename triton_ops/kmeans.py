@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import torch
 
-import kernels
+import triton_ops
 
 try:  # Triton is optional: without it the torch paths below still work.
     import triton
@@ -194,7 +194,7 @@ CHUNK_D = 32  # chunk width for wider features: 64-wide chunks spill at these ti
 
 # Autotune candidates (BLOCK_N points, BLOCK_K centroids, num_warps, num_stages) per multiply ("tf32x3": fp32 inputs
 # at ~fp32 accuracy; "tf32"; "16bit": bf16/fp16) and layout (one tile of D, or D in chunks). Chosen from
-# kernels/compile_check.py's compile data for sm_80 and sm_90 with the accumulating (fused) variant, the larger:
+# triton_ops/compile_check.py's compile data for sm_80 and sm_90 with the accumulating (fused) variant, the larger:
 # none exceeds the target's shared memory or spills more than compile_check.MAX_SPILL_BYTES per thread, which
 # tests/test_kernels_compile.py holds them to. 3xTF32 keeps split operands (hi and lo halves) in registers and
 # shared memory: its tiles are the smallest. On other GPUs candidates over the shared-memory estimate are dropped;
@@ -209,7 +209,7 @@ CONFIGS = {
 }
 VARIANTS = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "16bit", "fp16": "16bit"}
 
-# The GPU whose limits the configs are planned for: kernels.gpu_limits (kernels/__init__.py).
+# The GPU whose limits the configs are planned for: triton_ops.gpu_limits (triton_ops/__init__.py).
 
 
 def _block_d(D):
@@ -239,7 +239,7 @@ def shared_memory_estimate(config, variant, D, arch):
 
 def kernel_configs(device, variant, D):
     """The candidates that fit this device for these inputs (empty if none does)."""
-    arch, max_shared = kernels.gpu_limits(device)
+    arch, max_shared = triton_ops.gpu_limits(device)
     return [c for c in CONFIGS[(VARIANTS[variant], _block_d(D)[1])]
             if shared_memory_estimate(c, variant, D, arch) <= max_shared]
 
@@ -250,10 +250,10 @@ _SAID = set()
 def kernel_fits(device, variant, D):
     if kernel_configs(device, variant, D):
         return True
-    key = (kernels.gpu_limits(device), variant, D)
+    key = (triton_ops.gpu_limits(device), variant, D)
     if key not in _SAID:
         _SAID.add(key)
-        arch, max_shared = kernels.gpu_limits(device)
+        arch, max_shared = triton_ops.gpu_limits(device)
         print(f"k-means: no kernel config fits sm_{arch} ({max_shared} B shared memory) for {variant} points of "
               f"{D} dims; using torch", file=sys.stderr, flush=True)
     return False
@@ -334,7 +334,7 @@ def _assign_triton(x, centroids, accumulate, allow_tf32):
         _assign_kernel[(triton.cdiv(N, b),)](*args, BLOCK_N=b, BLOCK_K=b, **flags)
     else:
         if not kernel_configs(x.device, _variant(x.dtype, allow_tf32), D):
-            arch, max_shared = kernels.gpu_limits(x.device)
+            arch, max_shared = triton_ops.gpu_limits(x.device)
             raise RuntimeError(f"k-means: no kernel config fits sm_{arch} ({max_shared} B shared memory) for "
                                f"{_variant(x.dtype, allow_tf32)} points of {D} dims; use the torch or auto backend")
         _assign_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
