@@ -65,7 +65,7 @@ def parse_args(argv):
                                 epilog="python probe.py predict --help: apply saved heads to audio files; "
                                        "python probe.py report --help: tabulate results lines")
     p.add_argument("--task", required=True, help=f"comma-separated, from: {', '.join(TASKS)}; or 'all': every "
-                   "task whose data set is found under --data-root in its conventional folder (README)")
+                   "task whose data set is found under --data-root in its conventional folder (docs/probe.md)")
     p.add_argument("--model", required=True, nargs="+",
                    help="our checkpoint (.pt), a Hugging Face model folder, or 'random'; several are run in turn "
                         "and printed side by side")
@@ -142,8 +142,8 @@ def main(argv=None):
     if args.all:  # each data set in its own folder under ROOT; the missing ones are skipped with one line each
         args.tasks = available_tasks(args.tasks, args.data_root, args.max_clips)
         if not args.tasks:
-            sys.exit(f"--task all: no data set found under {args.data_root} (folders: see README, 'Data set "
-                     "folders')")
+            sys.exit(f"--task all: no data set found under {args.data_root} (folders: docs/probe.md, 'All "
+                     "tasks')")
         roots = {t: task_root(t, args.data_root) for t in args.tasks}
     others = [m for m in args.model if m != "random"]
     records = {}

@@ -135,7 +135,7 @@ def task_data(task_name, data_root, max_clips, log=print):
 
 
 def task_root(task_name, root):
-    """Where --task all looks for a task's data set: ROOT/<folder> (README, "Data set folders")."""
+    """Where --task all looks for a task's data set: ROOT/<folder> (docs/probe.md, "All tasks")."""
     task = TASKS[task_name]
     return os.path.join(root, task.folder or task.features or task_name)
 

@@ -16,9 +16,9 @@ NOT_OURS = {"venv", "pytest", "pip", "torch.distributed.run"}  # python -m of ot
 
 
 def documented_commands(text):
-    """The shell commands of a Markdown page: fenced blocks' lines (backslash continuations joined, comments and
-    prompts dropped) and inline `python ...` / `torchrun ...` spans of its prose."""
-    out, fenced, block = [], False, []
+    """The shell commands of a Markdown page: fenced blocks' lines and indented blocks' command lines (backslash
+    continuations joined, comments and prompts dropped) and inline `python ...` / `torchrun ...` spans of its prose."""
+    out, fenced, block, continuing = [], False, [], False
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             if fenced:
@@ -29,7 +29,15 @@ def documented_commands(text):
             continue
         if fenced:
             block.append(line.strip().removeprefix("$ "))
+        elif line.startswith("    ") and (continuing or re.match(r"\s+(python3? |torchrun |OMP_NUM_THREADS=)", line)):
+            text = line.strip()  # an indented code block's command line, or the continuation of one
+            if continuing:
+                out[-1] = out[-1][:-1] + " " + text
+            else:
+                out.append(text)
+            continuing = text.endswith("\\")
         else:
+            continuing = False
             out += re.findall(r"`((?:python3?|torchrun|OMP_NUM_THREADS=\S+ python3?) [^`]+)`", line)
     return [re.sub(r"\s+#\s.*$", "", c).strip() for c in out if not c.lstrip().startswith("#")]
 
@@ -62,7 +70,8 @@ def invocations(command):
 @functools.lru_cache(maxsize=None)
 def help_text(argv):
     r = subprocess.run(list(argv) + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # as a user runs it
+                            "OMP_NUM_THREADS": "1"})
     return r.returncode, r.stdout + r.stderr
 
 
@@ -71,6 +80,8 @@ def check(command):
     problems = []
     for script, args in invocations(command):
         path = script[-1] if script[1] != "-m" else script[-1].replace(".", "/") + ".py"
+        if re.fullmatch(r"[A-Z_]+\.py", os.path.basename(path)):  # a placeholder: `python SCRIPT.py config/FILE.py`
+            continue
         if not os.path.isfile(os.path.join(ROOT, path)):
             problems.append(f"{path}: no such script")
             continue
@@ -119,5 +130,6 @@ def test_a_renamed_flag_or_script_is_caught():
     assert check("torchrun --nproc_per_node=8 pretrain_music2vec.py config/nope.py") == \
         ["config/nope.py: no such config file"]
     assert check("python probe_frames.py --help") == ["probe_frames.py: no such script"]
-    assert documented_commands("text `python probe.py --task x` more\n```\n# a comment\npython a.py \\\n  --b 1\n```\n") \
-        == ["python probe.py --task x", "python a.py  --b 1"]
+    assert documented_commands("text `python probe.py --task x` more\n```\n# a comment\npython a.py \\\n  --b 1\n```\n"
+                               "\n    python c.py --d \\\n        --e 2\n    not a command\n") == \
+        ["python probe.py --task x", "python a.py  --b 1", "python c.py --d  --e 2"]
