@@ -64,7 +64,8 @@ def test_transformers_and_our_encoder_in_one_process():
     (which imports `kernels`' hub integration) next to ours, and both run."""
     spec = importlib.util.find_spec("kernels")
     assert spec is not None and spec.origin and not spec.origin.startswith(ROOT), \
-        f"Hugging Face's kernels distribution must be installed (requirements-dev.txt); found {spec and spec.origin}"
+        f"`import kernels` finds {spec and spec.origin}: Hugging Face's kernels must be installed " \
+        "(requirements-dev.txt) and no file of ours may shadow it"
     script = textwrap.dedent("""
         import os, sys, torch
         sys.path.insert(0, os.getcwd())  # as `python script.py` from the root, and pytest's rootdir insertion
