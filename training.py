@@ -31,6 +31,7 @@ import random
 import re
 import signal
 import sys
+import textwrap
 import time
 import tokenize
 
@@ -143,47 +144,57 @@ def _help_hint(globals_dict):
     return f"python {script} --help lists them"
 
 
-def help_text(globals_dict, settable):
-    """`SCRIPT.py --help`: the script's globals block as a reference, in the file's order: its comment lines as
-    headings, each settable global as --key=default with the comment beside it (read from the source, so the help
-    is the file and cannot drift from it)."""
+def help_text(globals_dict, settable, width=118, column=40):
+    """`SCRIPT.py --help`: the script's globals block as a reference, in the file's order: its full-line comments
+    as headings, each settable global as --key=default with the comment beside it. Read from the source (ast for
+    the assignments, tokenize for the comments, so a '#' inside a string is not one): the help is the file and
+    cannot drift from it."""
     path = globals_dict.get("__file__") or ""
     script = os.path.basename(path) or "SCRIPT.py"
     doc = (globals_dict.get("__doc__") or "").strip().split("\n\n")[0]
-    out = [f"usage: python {script} [config/FILE.py ...] [--key=value ...]", "", doc, "",
-           "Config files (plain Python assignments) and --key=value items apply in order. Hyperparameters (default):"]
+    out = [f"usage: python {script} [config/FILE.py ...] [--key=value ...]", "", *([doc, ""] if doc else []),
+           "Config files (plain Python assignments) and --key=value items apply in order. "
+           "Hyperparameters (default):", ""]
     with open(path) as f:
-        lines = f.read().splitlines()
-    rules = [i for i, line in enumerate(lines) if line.startswith("# ---")]  # the globals block between two rules
-    body = lines[rules[0] + 1:rules[1]] if len(rules) >= 2 else lines
-    shown = set()
-    for line in body:
-        m = re.match(r"^([A-Za-z_]\w*) = ", line)
-        if m and m.group(1) in settable:
-            key = m.group(1)
-            comment = _trailing_comment(line)
+        source = f.read()
+    lines = source.splitlines()
+    beside, alone = {}, {}  # line number -> (column of the comment's text, text): after code / on a line of its own
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            text = tok.string[1:]
+            where = alone if not lines[row - 1][:col].strip() else beside
+            where[row] = (col + 1 + len(text) - len(text.lstrip()), text.strip())
+    assigns = {node.lineno: node for node in ast.parse(source).body  # the top-level `NAME = value` of settable names
+               if isinstance(node, ast.Assign) and len(node.targets) == 1
+               and isinstance(node.targets[0], ast.Name) and node.targets[0].id in settable}
+    # the globals block: between the `# ----` rules around the first assignment (the scripts' layout), else all of it
+    rules = [i + 1 for i, line in enumerate(lines) if line.startswith("# ---")]
+    first = min(assigns, default=1)
+    start = max([r for r in rules if r < first], default=0)
+    end = min([r for r in rules if r > first], default=len(lines) + 1)
+    shown, row = set(), start + 1
+    while row < end:
+        if row in assigns:
+            node = assigns[row]
+            key, last = node.targets[0].id, node.end_lineno
+            col, comment = next((beside[r] for r in range(row, last + 1) if r in beside), (None, ""))
+            while last + 1 in alone and alone[last + 1][0] == col:  # the comment goes on below, aligned with it
+                last += 1
+                comment += " " + alone[last][1]
             item = f"  --{key}={globals_dict[key]!r}"
-            out.append(f"{item:<40} {comment}".rstrip() if comment else item)
+            pad = max(column, len(item) + 1)
+            out += textwrap.wrap(comment, width, initial_indent=item.ljust(pad) + " ",
+                                 subsequent_indent=" " * (pad + 1), break_on_hyphens=False) if comment else [item]
             shown.add(key)
-        elif re.match(r"^#\s{4,}\S", line) and out[-1].startswith("  --"):  # a wrapped comment of the line above
-            out.append(" " * 41 + line[1:].strip())
-        elif line.startswith("#"):
-            if out[-1].startswith("  --") or out[-1].startswith(" " * 41):
-                out.append("")  # a heading after a group of items
-            out.append(line[1:].strip())
+            row = last
+        elif row in alone and not lines[row - 1].startswith("# ---"):
+            if out[-1].startswith(" ") or (row + 1 in assigns and out[-1]):
+                out.append("")  # a heading after a group of items, or after a note above it
+            out.append(alone[row][1])
+        row += 1
     out += [f"  --{key}={globals_dict[key]!r}" for key in sorted(settable - shown)]  # set outside the block
-    return "\n".join(out).replace("\n\n\n", "\n\n")
-
-
-def _trailing_comment(line):
-    """The `# ...` comment of one source line (tokenized, so a '#' inside a string is not one)."""
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(line).readline):
-            if tok.type == tokenize.COMMENT:
-                return tok.string[1:].strip()
-    except (tokenize.TokenError, SyntaxError):
-        pass
-    return ""
+    return "\n".join(out)
 
 
 def config_snapshot(globals_dict):

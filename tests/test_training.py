@@ -193,13 +193,26 @@ def test_help_lists_every_hyperparameter_with_its_default_and_comment(script, tm
         assert f"  --{key}={value}" in r.stdout, key
     with open(os.path.join(ROOT, script)) as f:  # the comment beside a global, and its group heading above it
         source = f.read().splitlines()
+
+    def shown_comment(key):  # the help's text beside --key=..., over its wrapped lines, whitespace normalised
+        item = next(n for n, line in enumerate(lines) if line.startswith(f"  --{key}="))
+        end = next((n for n in range(item + 1, len(lines)) if not lines[n].startswith(" " * 30)), len(lines))
+        words = lines[item].split()[1:] + " ".join(lines[item + 1:end]).split()
+        return item, " ".join(words)
+
     i = next(i for i, line in enumerate(source) if line.startswith("learning_rate = "))
     i = next(j for j in range(i, len(source)) if re.match(r"^[a-z_]+ = [^#]*  # ", source[j]))  # one with a comment
     key, comment = source[i].split(" = ")[0], source[i].split("  # ", 1)[1].strip()
-    item = next(n for n, line in enumerate(lines) if line.startswith(f"  --{key}="))
-    assert comment and lines[item].endswith(comment)
+    item, shown = shown_comment(key)
+    assert comment and shown == " ".join(comment.split())
     heading = next(line[1:].strip() for line in reversed(source[:i]) if line.startswith("# ") and len(line) < 60)
     assert heading in lines[:item] and lines.index(heading) < item
+    # a comment continued on the next line (a comment-only line aligned with it) is shown whole, beside its key
+    g = next(i for i, line in enumerate(source) if line.startswith("grad_accum = "))
+    assert re.match(r"^#\s{8,}\S", source[g + 1])
+    comment = source[g].split("  # ", 1)[1] + " " + source[g + 1][1:]
+    assert shown_comment("grad_accum")[1] == " ".join(comment.split())
+    assert max(len(line) for line in lines) <= 120  # wrapped
     assert not out_dir.exists()  # --help does nothing else
 
 
@@ -208,3 +221,10 @@ def test_unknown_key_names_the_nearest_and_help():
     assert r.returncode != 0
     assert "unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in r.stderr
     assert "python pretrain_musichubert.py --help lists them" in r.stderr
+
+
+def test_short_help_with_other_args_only_prints_help(tmp_path):
+    r = run_script("pretrain_wav2vec2.py", "config/quickstart.py", f"--out_dir={tmp_path / 'x'}", "-h")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == run_script("pretrain_wav2vec2.py", "--help").stdout
+    assert "  --learning_rate=" in r.stdout and not (tmp_path / "x").exists()
