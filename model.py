@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fairseq_format
 from triton_ops.attention import attention
 
 BASE_CONV_LAYERS = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
@@ -299,6 +300,11 @@ class Transformer(nn.Module):
             ffn.append(f)
         return hidden, (ffn if ffn_outputs else None)
 
+    def output(self, top):
+        """The encoder's output from the last layer's: pre-LN adds its final LayerNorm (fairseq TransformerEncoder
+        with no layer cut; what the objectives' heads read), post-LN has none after the layers."""
+        return self.layer_norm(top) if self.cfg.layer_norm_first else top
+
 
 def normalize_waveform(wav, lengths=None, eps=1e-5):
     """Zero mean, unit variance per clip (data2vec's F.layer_norm(wav, wav.shape)), over its valid samples only;
@@ -363,7 +369,7 @@ class Encoder(nn.Module):
         B, T = x.shape[:2]
         frames = (~padding_mask).sum(1) if padding_mask is not None else torch.full((B,), T, device=x.device)
         # pre-LN keeps the final LayerNorm out of hidden_states, as transformers >= 5 does (4.x put it in the last one)
-        last = self.transformer.layer_norm(hidden[-1]) if self.cfg.layer_norm_first else hidden[-1]
+        last = self.transformer.output(hidden[-1])
         return EncoderOutput(hidden, padding_mask, frames, conv, ffn, last)
 
 
@@ -632,13 +638,18 @@ def load_pretrained(path, map_location="cpu"):
             state["mask_emb"] = encoder.mask_emb.detach().clone()
         source = f"{path}/model weights"
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
-            raise ValueError(f"{path}: not one of our checkpoints (needs 'encoder_config' and 'encoder' keys) "
-                             "and not a Hugging Face folder")
-        cfg = EncoderConfig.from_dict(ckpt["encoder_config"])
-        encoder = Encoder(cfg)
-        state, unknown, source = ckpt["encoder"], [], path
+        ckpt = fairseq_format.load_file(path)
+        if fairseq_format.is_fairseq(ckpt):
+            encoder, state, unknown = _from_fairseq(ckpt, path)
+            source = path
+        elif not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
+            raise ValueError(f"{path}: not one of our checkpoints (needs 'encoder_config' and 'encoder' keys), "
+                             "not a fairseq checkpoint ('model' and 'cfg' or 'args' keys) and not a Hugging Face "
+                             "folder")
+        else:
+            cfg = EncoderConfig.from_dict(ckpt["encoder_config"])
+            encoder = Encoder(cfg)
+            state, unknown, source = ckpt["encoder"], [], path
     missing = sorted(set(encoder.state_dict()) - set(state))
     unknown = sorted(unknown + [n for n in state if n not in encoder.state_dict()])
     if missing or unknown:
@@ -650,6 +661,59 @@ def load_pretrained(path, map_location="cpu"):
             raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config gives {tuple(want)}")
     encoder.load_state_dict(state)
     return encoder.to(map_location).eval()
+
+
+def _from_fairseq(ckpt, path):
+    """(Encoder, its state, unknown names) of a fairseq HuBERT / wav2vec 2.0 / data2vec-audio checkpoint."""
+    fields, family, _ = fairseq_format.encoder_config(ckpt, path)
+    encoder = Encoder(EncoderConfig(**fields))
+    state, heads, unknown = fairseq_format.encoder_weights(ckpt, path)
+    if heads:
+        print(f"load_pretrained: {path}: skipping {len(heads)} pre-training head weights "
+              f"({', '.join(sorted({h.split('.')[0] for h in heads}))})")
+    dim, conv_dim = encoder.cfg.dim, encoder.cfg.conv_layers[-1][0]
+    if "feature_proj.weight" not in state and dim == conv_dim:  # fairseq has no post_extract_proj when the sizes
+        state["feature_proj.weight"] = torch.eye(dim)  # agree: the identity is exactly that
+        state["feature_proj.bias"] = torch.zeros(dim)
+    return encoder, state, unknown
+
+
+def load_fairseq_heads(path, map_location="cpu"):
+    """The pre-training heads of a fairseq checkpoint, under our scripts' names where they have one:
+    HuBERT {"final_proj": Linear, "label_embs": Tensor (classes incl. fairseq's 4 specials x final_dim)};
+    data2vec-audio {"final_proj": Linear} (the regression head; the EMA teacher is not loaded: it restarts as a copy);
+    wav2vec 2.0 {"quantizer": GumbelQuantizer, "project_q": Linear, "project_hid": Linear (fairseq final_proj)}."""
+    ckpt = fairseq_format.load_file(path)
+    if not fairseq_format.is_fairseq(ckpt):
+        raise ValueError(f"{path}: not a fairseq checkpoint ('model' and 'cfg' or 'args' keys)")
+    _, family, _ = fairseq_format.encoder_config(ckpt, path)
+    w = fairseq_format.head_weights(ckpt)
+
+    def linear(prefix):
+        if f"{prefix}.weight" not in w:
+            return None
+        lin = nn.Linear(w[f"{prefix}.weight"].shape[1], w[f"{prefix}.weight"].shape[0])
+        lin.load_state_dict({"weight": w[f"{prefix}.weight"], "bias": w[f"{prefix}.bias"]})
+        return lin.to(map_location).eval()
+    heads = {}
+    if family == "hubert":
+        if "label_embs_concat" in w:
+            heads["label_embs"] = w["label_embs_concat"].to(map_location)
+        if linear("final_proj") is not None:
+            heads["final_proj"] = linear("final_proj")
+    elif family == "data2vec-audio" and linear("final_proj") is not None:  # the regression head (dim -> dim)
+        heads["final_proj"] = linear("final_proj")
+    elif family == "wav2vec2" and "quantizer.vars" in w:
+        groups, codewords = fairseq_format.quantizer_fields(ckpt, path)
+        book = w["quantizer.vars"]  # 1 x groups*codewords x dim/groups
+        quantizer = GumbelQuantizer(w["quantizer.weight_proj.weight"].shape[1], groups, codewords,
+                                    book.shape[-1] * groups)
+        quantizer.load_state_dict({"codevectors": book.reshape(groups, codewords, -1),
+                                   "weight_proj.weight": w["quantizer.weight_proj.weight"],
+                                   "weight_proj.bias": w["quantizer.weight_proj.bias"]})
+        heads = {"quantizer": quantizer.to(map_location).eval(), "project_q": linear("project_q"),
+                 "project_hid": linear("final_proj")}
+    return heads
 
 
 def config_to_hf(cfg):
@@ -708,7 +772,12 @@ def load_wav2vec2_heads(path, map_location="cpu"):
             heads[name] = nn.Linear(w.shape[1], w.shape[0])
             heads[name].load_state_dict({"weight": w, "bias": weights[f"{name}.bias"]})
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = fairseq_format.load_file(path)
+        if fairseq_format.is_fairseq(ckpt):
+            heads = load_fairseq_heads(path, map_location)
+            if "quantizer" not in heads:
+                raise ValueError(f"{path}: a fairseq checkpoint without a wav2vec 2.0 quantizer (quantizer.vars)")
+            return heads
         if not isinstance(ckpt, dict) or "quantizer" not in ckpt or "quantizer_config" not in ckpt:
             raise ValueError(f"{path}: no wav2vec 2.0 quantizer in this checkpoint (needs 'quantizer' and "
                              f"'quantizer_config' keys, as pretrain_wav2vec2.py writes)")

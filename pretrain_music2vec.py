@@ -100,6 +100,10 @@ adam_eps = 1e-6
 weight_decay = 0.01
 grad_clip = 0.0  # data2vec: none (0 = no clipping)
 max_nonfinite_in_row = 10  # consecutive non-finite losses (skipped updates) before the run stops
+# continued pre-training
+init_from = ""  # continued pre-training: start the encoder (and the head, where its shapes match) from this
+#                 checkpoint (ours, a Hugging Face folder or a fairseq .pt); its architecture replaces the model
+#                 settings above, whose dropouts, layerdrop and feature_grad_mult apply; optimiser, schedule fresh
 # system
 out_dir = "out/music2vec"
 resume = True  # continue from the newest checkpoint in out_dir when there is one
@@ -351,7 +355,7 @@ class Music2VecStudent(nn.Module):
         x = F.dropout(x, self.encoder.cfg.dropout_input, self.training)
         x = torch.where(mask[:, :, None], self.encoder.mask_emb.to(x.dtype), x)
         hidden_states, _ = self.encoder.transformer(x, padding_mask)
-        pred = self.final_proj(hidden_states[-1][mask])
+        pred = self.final_proj(self.encoder.transformer.output(hidden_states[-1])[mask])  # pre-LN: + final LN
         return pred, teacher_input, padding_mask
 
 
@@ -463,7 +467,16 @@ def main():
                                           feature_grad_mult=feature_grad_mult)
     torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
     # the checkpoint's encoder keeps normalize_waveform=True: loaded for inference it normalises each clip itself
+    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+                                         layerdrop=layerdrop,
+                                         feature_grad_mult=feature_grad_mult) if init_from else None
+    if init:
+        enc_cfg = init[0]
     model = Music2VecStudent(Encoder(enc_cfg), normalize=False if waveform_norm == "file" else None).to(info.device)
+    if init:  # before the teacher is copied from the student; a resume below replaces all of it
+        model.encoder.load_state_dict(init[1])
+        training.load_matching(model.final_proj, init[2].get("final_proj", {}), "final_proj", init_from,
+                               print if info.is_master else (lambda *_: None))
     # data2vec creates the teacher as a copy of the initial student (first set_num_updates call)
     ema_source = model.encoder.transformer if ema_transformer_only else model.encoder
     teacher = make_teacher(ema_source)
@@ -489,7 +502,8 @@ def main():
             print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     n_params = sum(p.numel() for p in model.encoder.parameters())
     if master:
-        print(f"encoder {n_params / 1e6:.2f}M parameters, targets = mean of the top {top_k_layers} of {layers} "
+        print(f"encoder {n_params / 1e6:.2f}M parameters, targets = mean of the top {top_k_layers} of "
+              f"{enc_cfg.layers} "
               f"teacher layers, {len(dataset)} clips, {info.world_size} rank(s) x {accum} micro-batches x "
               f"{batch_size} clips per update")
     raw_model = model
@@ -524,7 +538,7 @@ def main():
     # the position monitor groups frames by their index in the crop: room for the longest crop
     max_frames = int(raw_model.encoder.num_frames(int(round(crop_seconds * 16000))))
     target_share = pred_share = float("nan")
-    pos_stats = torch.zeros(2 * (2 * max_frames * (1 + dim) + 1), dtype=torch.float64, device=info.device)
+    pos_stats = torch.zeros(2 * (2 * max_frames * (1 + enc_cfg.dim) + 1), dtype=torch.float64, device=info.device)
 
     def save():
         nonlocal saved_step
@@ -574,7 +588,7 @@ def main():
                                                                  device=info.device)).item()
 
             # loss sum, masked frames, clips, samples, training FLOPs; then target and prediction std statistics
-            stats = torch.zeros(5 + 2 * (1 + 2 * dim), dtype=torch.float64, device=info.device)
+            stats = torch.zeros(5 + 2 * (1 + 2 * enc_cfg.dim), dtype=torch.float64, device=info.device)
             # the position monitor's sums (targets at every valid frame, predictions at the masked ones) are added
             # up over the updates between two log lines and reduced over ranks on the logged update
             watch = (step + 1) % log_interval == 0 or step + 1 == max_steps
@@ -609,7 +623,8 @@ def main():
                 stats[5:] += torch.cat([std_stats(target), std_stats(pred)])
                 pos_stats += monitor_sums(teacher_target, pred, mask, padding_mask, max_frames)
             stats = training.all_reduce_sum(stats).cpu()
-            target_std, pred_std = channel_std(stats[5:6 + 2 * dim]), channel_std(stats[6 + 2 * dim:])
+            split = 6 + 2 * enc_cfg.dim
+            target_std, pred_std = channel_std(stats[5:split]), channel_std(stats[split:])
             if watch:
                 target_share, pred_share = monitor_shares(training.all_reduce_sum(pos_stats).cpu(), max_frames)
                 pos_stats.zero_()

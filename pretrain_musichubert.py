@@ -89,6 +89,10 @@ keep_last = 3
 stop_at_step = 0  # save and exit after this many updates (0 = run to max_steps); the schedule still ends at max_steps
 tensorboard = False  # also write scalars to out_dir/tb (needs the tensorboard package)
 peak_flops = 0.0  # peak FLOP/s of one device for MFU when the GPU is not in training.PEAK_BF16_FLOPS
+# continued pre-training
+init_from = ""  # continued pre-training: start the encoder (and the head, where its shapes match) from this
+#                 checkpoint (ours, a Hugging Face folder or a fairseq .pt); its architecture replaces the model
+#                 settings above, whose dropouts, layerdrop and feature_grad_mult apply; optimiser, schedule fresh
 # iteration 2 (HuBERT: labels from a trained model's hidden states)
 iteration2_from = ""  # checkpoint of the iteration-1 model; "" = train on the labels in label_dir
 iteration2_layer = 6  # hidden_states index: 6 = output of transformer layer 6 (HuBERT base iteration 2)
@@ -125,12 +129,13 @@ class MusicHubert(nn.Module):
         x = torch.where(mask[..., None], enc.mask_emb.to(x.dtype), x)
         hidden, _ = enc.transformer(x, None)
         scored = mask & (targets >= 0)
-        logits, target = self.logits(hidden[-1], targets, scored)
+        top = enc.transformer.output(hidden[-1])  # pre-LN: with the final LayerNorm, as fairseq
+        logits, target = self.logits(top, targets, scored)
         ce_sum = F.cross_entropy(logits, target, reduction="sum")
         correct = (logits.argmax(-1) == target).sum()
         ce_nomask_sum = ce_sum.new_zeros(())
         if pred_nomask_weight > 0:  # the unmasked frames, scored only when they are weighted (fairseq)
-            logits_u, target_u = self.logits(hidden[-1], targets, ~mask & (targets >= 0))
+            logits_u, target_u = self.logits(top, targets, ~mask & (targets >= 0))
             ce_nomask_sum = F.cross_entropy(logits_u, target_u, reduction="sum")
         return ce_sum, correct, feature_pen, ce_nomask_sum
 
@@ -259,6 +264,11 @@ def main():
                                         dropout=dropout, attention_dropout=attention_dropout,
                                         dropout_input=dropout_input, layerdrop=layerdrop,
                                         feature_grad_mult=feature_grad_mult)
+    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+                                         dropout_input=dropout_input, layerdrop=layerdrop,
+                                         feature_grad_mult=feature_grad_mult) if init_from else None
+    if init:
+        enc_cfg = init[0]
     model = MusicHubert(enc_cfg, num_classes).to(info.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=adam_eps,
                                   weight_decay=weight_decay)  # fairseq Adam: decoupled decay on every parameter
@@ -285,6 +295,17 @@ def main():
         batch_in_epoch = ckpt["data"]["global_batches_in_epoch"] // info.world_size
         if master:
             print(f"resuming from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    elif init:  # a fresh run from init_from (a resume reads everything from its own checkpoint)
+        say = print if master else (lambda *_: None)
+        model.encoder.load_state_dict(init[1])
+        training.load_matching(model.final_proj, init[2].get("final_proj", {}), "final_proj", init_from, say)
+        embs = init[2].get("label_embs")
+        if embs is not None and tuple(embs.shape) == tuple(model.label_embs.shape):
+            model.label_embs.data.copy_(embs)
+            say(f"init_from: label_embs from {init_from}")
+        else:
+            say(f"init_from: label_embs start fresh ({init_from}: "
+                f"{None if embs is None else tuple(embs.shape)}, this run: {tuple(model.label_embs.shape)})")
     n_params = sum(p.numel() for p in model.encoder.parameters())
     if master:
         print(f"encoder {n_params / 1e6:.2f}M parameters, {num_classes} clusters, {len(dataset)} clips, "

@@ -74,6 +74,10 @@ adam_eps = 1e-6
 weight_decay = 0.01
 grad_clip = 0.0  # wav2vec 2.0 base: none (0 = no clipping)
 max_nonfinite_in_row = 10  # consecutive non-finite losses (skipped updates) before the run stops
+# continued pre-training
+init_from = ""  # continued pre-training: start the encoder (and the head, where its shapes match) from this
+#                 checkpoint (ours, a Hugging Face folder or a fairseq .pt); its architecture replaces the model
+#                 settings above, whose dropouts, layerdrop and feature_grad_mult apply; optimiser, schedule fresh
 # system
 out_dir = "out/wav2vec2"
 resume = True  # continue from the newest checkpoint in out_dir when there is one
@@ -154,7 +158,7 @@ class Wav2Vec2Pretraining(nn.Module):
         x = torch.where(mask[..., None], enc.mask_emb.to(x.dtype), x)
         hidden, _ = enc.transformer(x, None)
         B, M = mask.shape[0], int(mask[0].sum())
-        context = self.final_proj(hidden[-1][mask]).view(B, M, -1)
+        context = self.final_proj(enc.transformer.output(hidden[-1])[mask]).view(B, M, -1)  # pre-LN: + final LN
         # targets: the UNMASKED LayerNorm'ed conv features of the masked frames, after dropout_features, quantised
         y = F.dropout(enc.feature_norm(conv[mask]), enc.cfg.dropout_features, self.training)
         quantized, codes, code_logits = self.quantizer(y, temperature, generator)
@@ -209,7 +213,18 @@ def main():
                                           dropout=dropout, attention_dropout=attention_dropout,
                                           dropout_input=dropout_input, dropout_features=dropout_features,
                                           layerdrop=layerdrop, feature_grad_mult=feature_grad_mult)
+    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+                                         dropout_input=dropout_input, dropout_features=dropout_features,
+                                         layerdrop=layerdrop,
+                                         feature_grad_mult=feature_grad_mult) if init_from else None
+    if init:
+        enc_cfg = dataclasses.replace(init[0], family="wav2vec2") if init[0].family == "hubert" else init[0]
     model = Wav2Vec2Pretraining(enc_cfg).to(info.device)
+    if init:  # a resume below replaces all of it with its own checkpoint
+        say = print if info.is_master else (lambda *_: None)
+        model.encoder.load_state_dict(init[1])
+        for part in ("quantizer", "project_q", "final_proj"):
+            training.load_matching(getattr(model, part), init[2].get(part, {}), part, init_from, say)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=adam_eps,
                                   weight_decay=weight_decay)  # fairseq Adam: decoupled decay on every parameter
     step, epoch, batch_in_epoch = 0, 0, 0

@@ -370,6 +370,47 @@ def load_checkpoint(path, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def init_from_checkpoint(path, **training_fields):
+    """Continued pre-training (`init_from=PATH`): (EncoderConfig, encoder state_dict, heads) of one of our
+    checkpoints, a Hugging Face folder or a fairseq checkpoint (model.load_pretrained). The architecture is the
+    checkpoint's; `training_fields` (the script's dropout, layerdrop, feature_grad_mult, ...) replace its training
+    settings. `heads`: the objective's pre-training heads the source carries, by our scripts' names (HuBERT
+    final_proj / label_embs; wav2vec 2.0 quantizer / project_q / final_proj), for the script to take where the
+    shapes match. Optimiser and schedule always start fresh."""
+    import dataclasses
+    from model import load_fairseq_heads, load_pretrained
+    import fairseq_format
+    try:
+        encoder = load_pretrained(path)
+        cfg = dataclasses.replace(encoder.cfg, **training_fields)
+        heads = {}
+        if not os.path.isdir(path):
+            ckpt = fairseq_format.load_file(path)
+            if fairseq_format.is_fairseq(ckpt):
+                heads = load_fairseq_heads(path)
+                if "project_hid" in heads:
+                    heads["final_proj"] = heads.pop("project_hid")
+                heads = {k: (v.state_dict() if isinstance(v, torch.nn.Module) else v) for k, v in heads.items()}
+            else:
+                heads = {k: ckpt[k] for k in ("final_proj", "label_embs", "quantizer", "project_q") if k in ckpt}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: init_from={path}: {e}") from None
+    return cfg, encoder.state_dict(), heads
+
+
+def load_matching(module, state, name, source, say=print):
+    """Load `state` into `module` when every shape matches; otherwise say so and keep the fresh init."""
+    want = module.state_dict()
+    if set(state) == set(want) and all(tuple(state[k].shape) == tuple(want[k].shape) for k in want):
+        module.load_state_dict(state)
+        say(f"init_from: {name} from {source}")
+        return True
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    say(f"init_from: {name} starts fresh ({source} has {shapes}, this run's is "
+        f"{ {k: tuple(v.shape) for k, v in want.items()} })")
+    return False
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # RNG state for exact resume
 

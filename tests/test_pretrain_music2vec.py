@@ -558,3 +558,15 @@ def test_splice_clips_by_hand(monkeypatch):
     monkeypatch.setattr(m2v, "splice_prob", 0.5)  # about half the clips
     chosen = sum(int((m2v.splice_clips(wav, None, s, 0)[0] != wav).any(1).sum()) for s in range(200))
     assert 300 < chosen < 500
+
+
+def test_init_from_fairseq_data2vec(corpus, tmp_path):
+    """init_from=FAIRSEQ.pt: student (and so the teacher, its copy) and regression head start from a fairseq
+    data2vec-audio checkpoint; the checkpoint written after 2 updates has its architecture."""
+    src = os.path.join(ROOT, "tests", "fixtures", "fairseq", "data2vec_tiny.pt")
+    out = tmp_path / "from_fairseq"
+    said = run_script(TINY + [f"--train_tsv={corpus}", f"--out_dir={out}", f"--init_from={src}", "--max_steps=2",
+                              "--max_pos_share=1.0"])
+    assert f"init_from: final_proj from {src}" in said
+    ckpt = final_state(str(out))
+    assert (ckpt["encoder_config"]["dim"], ckpt["encoder_config"]["layers"], ckpt["step"]) == (48, 3, 2)

@@ -429,3 +429,20 @@ def test_config_errors_and_resume_with_another_model(corpus, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(corpus, tmp_path, max_steps=2, latent_vars=16)
     assert "another model" in str(e.value.code) and "codewords" in str(e.value.code)
+
+
+def test_init_from_fairseq_wav2vec2(corpus, tmp_path, capsys):
+    """init_from=FAIRSEQ.pt: the encoder takes the fairseq model's architecture and weights, and the quantiser and
+    projections load where this run's sizes match them (final_dim 16, 2 x 8 codewords); the run trains from there."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "fairseq", "wav2vec2_tiny.pt")
+    out = tmp_path / "from_fairseq"
+    run(corpus, out, init_from=src, final_dim=16, latent_vars=8, max_steps=2, num_negatives=5)
+    said = capsys.readouterr().out
+    for part in ("quantizer", "project_q", "final_proj"):
+        assert f"init_from: {part} from {src}" in said
+    import training
+    ckpt = training.load_checkpoint(training.latest_checkpoint(str(out)))
+    assert (ckpt["encoder_config"]["dim"], ckpt["encoder_config"]["layers"], ckpt["step"]) == (48, 3, 2)
+    # a head whose size differs starts fresh, and says so
+    run(corpus, tmp_path / "fresh_head", init_from=src, max_steps=1)
+    assert "init_from: quantizer starts fresh" in capsys.readouterr().out
