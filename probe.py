@@ -76,7 +76,8 @@ def parse_args(argv):
                         "hubert_base)")
     p.add_argument("--layers", default="all",
                    help="'all' (layers+1 states, the paper), 'transformer' (the layers, MARBLE's code) or one index; "
-                        "with --sweep, which weighted cell the grid has")
+                        "with --sweep, which weighted cell the grid has; for the beat tasks one index also stores "
+                        "that state only (1/(layers+1) of the disk)")
     p.add_argument("--lr", type=float, default=None, help="default: the task's (1e-3; GTZAN 5e-3)")
     p.add_argument("--sweep", action="store_true",
                    help=f"the benchmark grid: lr in {SWEEP_LRS} x layers in {{--layers, 0..layers}}, all at once")

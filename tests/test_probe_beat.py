@@ -434,8 +434,11 @@ def test_one_layer_stores_one_state_and_extraction_resumes(tmp_path, monkeypatch
 
 def test_too_little_disk_stops_before_extracting(tmp_path, monkeypatch):
     root = tmp_path / "ballroom"
-    make_beat_folder(root, 3, seconds=2.0)
+    make_beat_folder(root, 3, seconds=20.0)
     monkeypatch.setattr(pfr.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(SystemExit, match=r"beat: .*the frame features of 3 tracks need 0.1 MB \(384 bytes a frame.*"
-                                         r"--layers K stores one hidden state"):
+    # tiny: 3 states x 64 dims x 2 bytes = 384 bytes a frame; 20 s = 320000 samples // 320 + 1 = 1001 frames a
+    # track: 3 x 1001 x 384 = 1153152 bytes (1.2 MB), one state 384384 (0.4 MB)
+    with pytest.raises(SystemExit, match=r"beat: .*the frame features of 3 tracks need 1.2 MB \(384 bytes a frame.*"
+                                         r"only 0.0 MB is free; --layers K stores one hidden state \(0.4 MB; "
+                                         r"float16 already\)"):
         run_cli(tmp_path, "beat", root)
