@@ -36,7 +36,7 @@ from model import EncoderConfig
 from probing import clips, finetune, frames, predict, report
 from probing.clips import BATCH_SIZE
 from probing.models import MODEL_CONFIGS, load_model
-from probing.runs import SWEEP_LRS, task_extraction
+from probing.runs import SWEEP_LRS, append_record, task_extraction
 from probing.tasks import TASKS, available_tasks, task_data, task_root
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -76,7 +76,8 @@ def parse_args(argv):
                         "hubert_base)")
     p.add_argument("--layers", default="all",
                    help="'all' (layers+1 states, the paper), 'transformer' (the layers, MARBLE's code) or one index; "
-                        "with --sweep, which weighted cell the grid has")
+                        "with --sweep, which weighted cell the grid has; for the beat tasks one index also stores "
+                        "that state only (1/(layers+1) of the disk)")
     p.add_argument("--lr", type=float, default=None, help="default: the task's (1e-3; GTZAN 5e-3)")
     p.add_argument("--sweep", action="store_true",
                    help=f"the benchmark grid: lr in {SWEEP_LRS} x layers in {{--layers, 0..layers}}, all at once")
@@ -147,6 +148,7 @@ def main(argv=None):
         roots = {t: task_root(t, args.data_root) for t in args.tasks}
     others = [m for m in args.model if m != "random"]
     records = {}
+    failed = []  # (task, model, seed) of each task that stopped
     random_cfg = None
     for spec in args.model:
         if spec == "random" and random_cfg is None:
@@ -161,8 +163,18 @@ def main(argv=None):
             if encoder is None or spec == "random":  # a random encoder is drawn anew for each seed
                 encoder, tag = load_model(spec, random_cfg, seed)
             for task_name in args.tasks:
-                records[task_name, spec, seed] = run(task_name, spec, encoder, tag, argparse.Namespace(
-                    **{**vars(args), "seed": seed, "data_root": roots[task_name]}))
+                try:
+                    records[task_name, spec, seed] = run(task_name, spec, encoder, tag, argparse.Namespace(
+                        **{**vars(args), "seed": seed, "data_root": roots[task_name]}))
+                except (Exception, SystemExit) as e:  # one line and a record; the other tasks still run
+                    if not args.all and len(args.tasks) == 1:
+                        raise
+                    reason = (str(e.code) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
+                    reason = " ".join(reason.split()) or type(e).__name__
+                    print(f"{task_name}  {spec}  FAILED: {reason}", flush=True)
+                    append_record({"task": task_name, "model": spec, "model_tag": tag, "seed": seed,
+                                   "failed": reason}, args.results)
+                    failed.append((task_name, spec, seed))
         del encoder
     if args.all:  # the paper's Table 1: printed, and per model in <results folder>/<model tag>/ with the plot
         print("\n" + report.table1(list(records.values())))
@@ -170,6 +182,10 @@ def main(argv=None):
     elif len(args.model) > 1 or len(args.seeds) > 1:  # one row per task, one column per model
         print(report.side_by_side(records, args.tasks, args.model, args.seeds,
                                         {t: TASKS[t].metrics for t in args.tasks}))
+    if failed:
+        print(f"{len(failed)} task run{'s' if len(failed) > 1 else ''} failed: "
+              + ", ".join(f"{t} ({m}, seed {s})" for t, m, s in failed) + f"; reasons in {args.results}")
+        sys.exit(1)
     return records
 
 

@@ -114,10 +114,15 @@ def read_gtzan_beat(root):
 # ------------------------------------------------------------------------------------------------------------------
 # a folder of <name>.<audio> + <name>.beats
 
-def read_beats_file(path):
+class BeatOrderError(DataSetError):
+    """A .beats file whose times decrease: read_beat_folder leaves that track out with one line."""
+
+
+def read_beats_file(path, counts=None):
     """Beat times from a .beats file: one beat a line, whitespace-separated, the first field the time in seconds
     (the rest, e.g. the beat's position in the bar, `1` or Ballroom's `9.3`, is not used). Blank lines and lines
-    starting with # are skipped."""
+    starting with # are skipped, and so is a time of -1 (mirdata's "no annotation" placeholder), counted in
+    counts["placeholders"] when a dict is given."""
     times = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
@@ -129,6 +134,10 @@ def read_beats_file(path):
             except ValueError:
                 raise DataSetError(f"{path}:{line_no}: {line.strip()[:60]!r}: expected a time in seconds, optionally "
                                    "followed by the beat's position in the bar") from None
+            if t == -1:
+                if counts is not None:
+                    counts["placeholders"] = counts.get("placeholders", 0) + 1
+                continue
             times.append((t, line_no))
     t = np.array([t for t, _ in times], dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(t) | (t < 0))
@@ -136,7 +145,7 @@ def read_beats_file(path):
         raise DataSetError(f"{path}:{times[bad[0]][1]}: time {t[bad[0]]} is not a number of seconds >= 0")
     back = np.flatnonzero(np.diff(t) < 0)
     if len(back):
-        raise DataSetError(f"{path}:{times[back[0] + 1][1]}: beat at {t[back[0] + 1]} s comes before the one above "
+        raise BeatOrderError(f"{path}:{times[back[0] + 1][1]}: beat at {t[back[0] + 1]} s comes before the one above "
                            f"it ({t[back[0]]} s); beat times must increase")
     return t
 
@@ -211,10 +220,19 @@ def read_beat_folder(root):
         order = np.random.RandomState(SPLIT_SEED).permutation(n)
         for rank, i in enumerate(order):
             split[names[i]] = "valid" if rank < n_valid else "test" if rank < n_valid + n_test else "train"
-    clips = []
+    clips, counts, unordered = [], {}, []
     for name in names:
         if name in split:
             rel = os.path.relpath(audio[name], root)
-            clips.append(Clip(rel, audio[name], split[name], read_beats_file(beats[name])))
+            try:
+                times = read_beats_file(beats[name], counts)
+            except BeatOrderError as e:
+                unordered.append(str(e))
+                continue
+            clips.append(Clip(rel, audio[name], split[name], times))
+    if unordered:
+        notes.append(f"{len(unordered)} .beats files have decreasing times and are left out (first: {unordered[0]})")
+    if counts.get("placeholders"):
+        notes.append(f"{counts['placeholders']} beat lines of -1 (no annotation) skipped")
     return BeatListing(clips, ["beat"], notes=notes)
 

@@ -134,7 +134,7 @@ def gigabytes(n):
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_disk(path, clips, ext, stride, row_bytes, log):
+def check_disk(path, clips, ext, stride, row_bytes, log, num_states=1):
     """Frames the clips will add (from the audio headers) against the free space under `path`: stops before a
     multi-hour extraction would fill the disk."""
     need = 0
@@ -149,9 +149,11 @@ def check_disk(path, clips, ext, stride, row_bytes, log):
     free = shutil.disk_usage(path).free
     log(f"frame features of {len(clips)} tracks: {gigabytes(need)} to write to {path} ({gigabytes(free)} free)")
     if need > free:
+        smaller = (f"--layers K stores one hidden state ({gigabytes(need // num_states)}; float16 already)"
+                   if num_states > 1 else "this is one hidden state, float16 already")
         raise StoreError(f"{path}: the frame features of {len(clips)} tracks need {gigabytes(need)} "
                          f"({row_bytes} bytes a frame, 50 frames a second), only {gigabytes(free)} is free; "
-                         "--layers K stores one hidden state, or give --cache-dir on a larger disk")
+                         f"{smaller}, or give --cache-dir on a larger disk")
 
 
 def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=print):
@@ -166,7 +168,7 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
         failed = {}
         if not todo:
             return failed
-        check_disk(path, todo, ext, stride, store.row_bytes, log)
+        check_disk(path, todo, ext, stride, store.row_bytes, log, len(states))
         encoder = encoder.to(device)
         budget = batch_seconds * SAMPLE_RATE
         pending = []  # (clip, frames kept, last window of its track, encoder input), in track order

@@ -39,6 +39,8 @@ def load_results(paths):
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
                     sys.exit(f"{path}:{line_no}: not a JSON line ({e.msg}); expected probe.py's results lines")
+                if isinstance(r, dict) and "failed" in r:  # a task that stopped (--task all): nothing to tabulate
+                    continue
                 if not isinstance(r, dict) or not {"task", "model", "model_tag", "metrics"} <= set(r):
                     sys.exit(f"{path}:{line_no}: not a probe.py results record (needs task, model, model_tag, "
                              "metrics)")

@@ -2,6 +2,7 @@
 choice of cell, and for each of the seven tasks a tiny fixture in the data set's real on-disk layout run end to end
 through the command line (extraction with a tiny random encoder -> training -> metrics -> results line)."""
 import csv
+import sys
 import json
 import os
 
@@ -16,6 +17,7 @@ from probing import features, models, runs, tasks
 import probing.clips as pc
 import probing.heads as ph
 import probing.metrics as probe_metrics
+import probing.report as probe_report
 from data import downstream
 
 SR = 16000
@@ -670,3 +672,34 @@ def test_several_seeds_give_mean_and_sd(tmp_path, capsys):
     with pytest.raises(SystemExit):
         probe.parse_args(["--task", "nsynth_pitch", "--model", "random", "--data-root", "x", "--seed", "3,3"])
 
+
+
+def test_task_all_goes_on_after_a_failed_task(tmp_path, monkeypatch, capsys):
+    """--task all: a task that exits (here nsynth_instr, as the beat tasks' disk check does) is one line on screen
+    and one record in the results file; the other task is scored, Table 1 and its CSV are written, and the exit
+    status is 1."""
+    write_nsynth(tmp_path / "root" / "nsynth", per_split=(8, 4, 4))
+    real_run = probe.run
+
+    def run(task_name, *a):
+        if task_name == "nsynth_instr":
+            sys.exit("not enough disk space\n  for the store")
+        return real_run(task_name, *a)
+
+    monkeypatch.setattr(probe, "run", run)
+    results = tmp_path / "runs" / "results.jsonl"
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--task", "all", "--model", "random", "--model-config", "tiny", "--data-root",
+                    str(tmp_path / "root"), "--cache-dir", str(tmp_path / "cache"), "--results", str(results),
+                    "--epochs", "1", "--device", "cpu"])
+    assert e.value.code == 1
+    lines = [json.loads(line) for line in open(results)]
+    assert [(r["task"], r.get("failed")) for r in lines] == [("nsynth_instr", "not enough disk space for the store"),
+                                                             ("nsynth_pitch", None)]
+    out = capsys.readouterr().out
+    assert "nsynth_instr  random  FAILED: not enough disk space for the store" in out
+    assert "NSynthP" in out and "1 task run failed: nsynth_instr" in out
+    (table,) = list((tmp_path / "runs").glob("*/table.csv"))
+    assert table.read_text().splitlines()[0] == "model,model_tag,seed,nsynth_pitch/acc"  # only what ran
+    assert (table.parent / "table.md").exists()
+    assert [r["task"] for r in probe_report.load_results([str(results)])] == ["nsynth_pitch"]  # failed lines skipped

@@ -434,8 +434,32 @@ def test_one_layer_stores_one_state_and_extraction_resumes(tmp_path, monkeypatch
 
 def test_too_little_disk_stops_before_extracting(tmp_path, monkeypatch):
     root = tmp_path / "ballroom"
-    make_beat_folder(root, 3, seconds=2.0)
+    make_beat_folder(root, 3, seconds=20.0)
     monkeypatch.setattr(pfr.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(SystemExit, match=r"beat: .*the frame features of 3 tracks need 0.1 MB \(384 bytes a frame.*"
-                                         r"--layers K stores one hidden state"):
+    # tiny: 3 states x 64 dims x 2 bytes = 384 bytes a frame; 20 s = 320000 samples // 320 + 1 = 1001 frames a
+    # track: 3 x 1001 x 384 = 1153152 bytes (1.2 MB), one state 384384 (0.4 MB)
+    with pytest.raises(SystemExit, match=r"beat: .*the frame features of 3 tracks need 1.2 MB \(384 bytes a frame.*"
+                                         r"only 0.0 MB is free; --layers K stores one hidden state \(0.4 MB; "
+                                         r"float16 already\)"):
         run_cli(tmp_path, "beat", root)
+
+
+def test_beats_placeholder_skipped_and_decreasing_file_left_out(tmp_path):
+    """mirdata's `-1` line (no annotation) is skipped and counted; a file whose times decrease is left out of the
+    folder with one note naming it and its line, the other tracks stay."""
+    p = tmp_path / "a.beats"
+    p.write_text("-1\n0.5\t1\n-1\t2\n1.0\t3\n")
+    counts = {}
+    assert beats.read_beats_file(str(p), counts).tolist() == [0.5, 1.0] and counts == {"placeholders": 2}
+    root = tmp_path / "ballroom"
+    make_beat_folder(root, 4, seconds=2.0)
+    first = root / "annotations" / "Media-000.beats"
+    first.write_text("-1\n" + first.read_text())
+    (root / "annotations" / "Media-003.beats").write_text("0.5\t1.1\n1.5\t1.2\n1.0\t1.3\n")
+    listing = beats.read_beat_folder(str(root))
+    assert sorted(os.path.basename(c.path) for c in listing.clips) == ["Media-000.wav", "Media-001.wav",
+                                                                      "Media-002.wav"]
+    assert listing.notes == [f"1 .beats files have decreasing times and are left out (first: "
+                             f"{root / 'annotations' / 'Media-003.beats'}:3: beat at 1.0 s comes before the one "
+                             f"above it (1.5 s); beat times must increase)",
+                             "1 beat lines of -1 (no annotation) skipped"]
