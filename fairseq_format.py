@@ -128,7 +128,8 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise FairseqFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise FairseqFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); expected one of "
+                                 f"our checkpoints, a fairseq checkpoint or a Hugging Face folder") from None
 
 
 # --- config -----------------------------------------------------------------------------------------------------

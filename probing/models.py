@@ -34,7 +34,8 @@ def model_tag(spec, cfg, seed):
     return f"{name}-{h.hexdigest()[:10]}"
 
 
-MODEL_EXPECTED = ("one of our checkpoints (a .pt with 'encoder_config' and 'encoder'), a Hugging Face hubert / "
+MODEL_EXPECTED = ("one of our checkpoints (a .pt with 'encoder_config' and 'encoder'), a fairseq HuBERT / wav2vec "
+                  "2.0 / data2vec-audio .pt, a Hugging Face hubert / "
                   "wav2vec2 / data2vec-audio folder (config.json + model.safetensors or pytorch_model.bin), or "
                   "'random'")
 

@@ -4,7 +4,6 @@ itself wrote (tests/fixtures/fairseq/make.py, fairseq 0.12 via fairseq-fixed 0.1
 Namespace, pickled DictConfig), the criterion terms of all three objectives on a fixed batch, mask, labels and
 negatives, the refusals, continued pre-training (init_from) and the probe on a fairseq checkpoint."""
 import argparse
-import importlib
 import io
 import json
 import os
@@ -150,10 +149,9 @@ def test_conv_feature_layers_is_not_evaluated(tmp_path):
 # --- the three objectives' terms against fairseq's criterion -------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["hubert_tiny", "hubert_tiny_preln"])
-def test_hubert_loss_terms_match_fairseq(name):
+def test_hubert_loss_terms_match_fairseq(name, monkeypatch):
     import pretrain_musichubert as ph
-    ph = importlib.reload(ph)
-    ph.final_dim = 16
+    monkeypatch.setattr(ph, "final_dim", 16)  # the fixture's; restored after the test (other tests read the module)
     r = ref(name)
     cfg, state, heads = training.init_from_checkpoint(fixture(name), dropout=0.0, attention_dropout=0.0,
                                                       dropout_input=0.0, layerdrop=0.0)
@@ -175,8 +173,8 @@ def test_hubert_loss_terms_match_fairseq(name):
 
 def test_wav2vec2_loss_terms_match_fairseq(monkeypatch):
     import pretrain_wav2vec2 as pw
-    pw = importlib.reload(pw)
-    pw.final_dim, pw.latent_vars, pw.latent_groups, pw.num_negatives = 16, 8, 2, 5
+    for key, value in dict(final_dim=16, latent_vars=8, latent_groups=2, num_negatives=5).items():
+        monkeypatch.setattr(pw, key, value)  # the fixture's sizes; restored after the test
     r = ref("wav2vec2_tiny")
     cfg, state, heads = training.init_from_checkpoint(fixture("wav2vec2_tiny"), dropout=0.0, attention_dropout=0.0,
                                                       dropout_input=0.0, layerdrop=0.0, dropout_features=0.0)
