@@ -27,14 +27,16 @@ Every task (reader, windows, metrics, Table-1 columns) is defined in probing/tas
 what it runs lives in the probing/ package, which never imports it. Reference: docs/probe.md.
 """
 import argparse
+import datetime
 import os
 import sys
 
 import torch
 
 from model import EncoderConfig
-from probing import clips, finetune, frames, predict, report
+from probing import clips, finetune, frames, predict, report, runs
 from probing.clips import BATCH_SIZE
+from probing.features import default_workers
 from probing.models import MODEL_CONFIGS, load_model
 from probing.runs import SWEEP_LRS, append_record, task_extraction
 from probing.tasks import TASKS, available_tasks, task_data, task_root
@@ -57,6 +59,25 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
         return finetune.run(task_name, task, listing, task_extraction(task, args), model_spec, encoder, tag, args,
                             log)
     return clips.run(task_name, task, listing, model_spec, encoder, tag, args, log)
+
+
+def start_ranks(args):
+    """Under torchrun (WORLD_SIZE > 1): joins the ranks' process group (gloo: the ranks only exchange what they
+    extracted, never tensors) and puts each rank on its node's GPU LOCAL_RANK; returns this process's rank. The
+    timeout is long because the other ranks wait for rank 0 while it trains a task's heads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0
+    if args.mode != "frozen":
+        sys.exit(f"--mode {args.mode} under torchrun: fine-tuning runs in one process; torchrun shards the frozen "
+                 "probe's extraction")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    if args.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    return torch.distributed.get_rank()
 
 
 def parse_args(argv):
@@ -97,6 +118,9 @@ def parse_args(argv):
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="audio seconds per extraction batch (default 240 on GPU, 60 on CPU); with --mode fe/ft1/ft2 "
                         "the padded audio per forward/backward piece of a batch (default 128 on GPU, 32 on CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding audio ahead of the encoder, per rank (default: the CPUs of the node "
+                        "divided by torchrun's ranks on it; 0: 4 threads of the probe's own process)")
     p.add_argument("--cache-dir", default=CACHE_DIR)
     p.add_argument("--results", default=RESULTS, help="JSON lines appended per run; with --task all, the "
                    "Table-1 files go to <its folder>/<model tag>/ (default runs/)")
@@ -125,6 +149,10 @@ def parse_args(argv):
     if (args.window is not None and not args.window > 0) or (args.crop is not None and args.crop < 0):
         p.error("--window must be positive seconds, --crop 0 (none) or positive seconds")
     finetune.check_args(p, args, TASKS)  # before the frozen probe's default --batch-seconds
+    if args.workers is None:
+        args.workers = default_workers()
+    elif args.workers < 0:
+        p.error("--workers must be 0 (threads) or a number of processes")
     if args.batch_seconds is None:
         args.batch_seconds = 240.0 if args.device.startswith("cuda") else 60.0
     return args
@@ -139,6 +167,8 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report.report_main(argv[1:])
     args = parse_args(argv)
+    rank = start_ranks(args)
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 speaks for the run; the others show their bars
     roots = {t: args.data_root for t in args.tasks}
     if args.all:  # each data set in its own folder under ROOT; the missing ones are skipped with one line each
         args.tasks = available_tasks(args.tasks, args.data_root, args.max_clips)
@@ -165,8 +195,14 @@ def main(argv=None):
             for task_name in args.tasks:
                 try:
                     records[task_name, spec, seed] = run(task_name, spec, encoder, tag, argparse.Namespace(
-                        **{**vars(args), "seed": seed, "data_root": roots[task_name]}))
+                        **{**vars(args), "seed": seed, "data_root": roots[task_name]}), log)
+                except runs.OtherRank:  # this rank's share is in the store; rank 0 trains and reports
+                    continue
                 except (Exception, SystemExit) as e:  # one line and a record; the other tasks still run
+                    if rank != 0:
+                        if not args.all and len(args.tasks) == 1:
+                            raise
+                        continue
                     if not args.all and len(args.tasks) == 1:
                         raise
                     reason = (str(e.code) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
@@ -176,6 +212,8 @@ def main(argv=None):
                                    "failed": reason}, args.results)
                     failed.append((task_name, spec, seed))
         del encoder
+    if rank != 0:
+        return records
     if args.all:  # the paper's Table 1: printed, and per model in <results folder>/<model tag>/ with the plot
         print("\n" + report.table1(list(records.values())))
         report.write_model_files(os.path.dirname(os.path.abspath(args.results)), list(records.values()))

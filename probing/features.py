@@ -21,12 +21,16 @@ only with the per-clip index (two integers a clip).
 """
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -37,11 +41,12 @@ from tqdm import tqdm
 
 import soundfile as sf
 
-from data.audio import SAMPLE_RATE, AudioError, _ratio, _resample_context, _resampled_length, load_audio
+from data.audio import SAMPLE_RATE, AudioError, _ratio, _resample_context, _resampled_length, audio_info, load_audio
 
 FORMAT_VERSION = 2  # 1: one fp32 .npy per clip (probe.py part 1); 2: this store
 DTYPE = np.float16
-AUDIO_WORKERS = 4  # threads decoding and resampling audio ahead of the encoder
+AUDIO_WORKERS = 4  # threads decoding audio ahead of the encoder with --workers 0, and in fine-tuning
+MERGE_BYTES = 64 << 20  # rows copied from the ranks' part stores into the store this much at a time
 BLOCK_SECONDS = 30  # read_16k resamples this much audio at a time
 try:  # glibc: return freed heap pages to the system (see extract)
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -403,11 +408,11 @@ class Rows:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# extraction into the store
+# decoding ahead of the encoder: threads, or processes (--workers)
 
-def _read_windows(clip, ext):
+def _read_windows(path, ext):
     try:
-        return clip_windows(clip.path, ext), None
+        return clip_windows(path, ext), None
     except AudioError as e:
         return None, str(e)
 
@@ -426,20 +431,209 @@ def prefetch(fn, items, workers):
             yield it, fut.result()
 
 
-def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
-    """Extracts the clips not yet in the store at `path` and returns {clip key: reason} for those that could not be
-    used. The encoder sees batches of about `batch_seconds` of audio; a long clip's windows may span several
-    encoder calls, and a batch is committed to the store only when all its clips are done."""
-    num_states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
-    store = FeatureStore(path, key, (num_states, dim), write=True, wait=log)
+def default_workers():
+    """--workers' default: the CPUs this process may run on, shared by the ranks of its node (torchrun's
+    LOCAL_WORLD_SIZE)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+_POOLS = {}  # worker count -> ProcessPoolExecutor, kept for the life of the process (tasks and models reuse it)
+
+
+def decode_ahead(fn, clips, workers):
+    """(clip, fn(clip.path)) in clip order, decoded ahead of the caller (at most 4 clips a worker in flight).
+    workers > 0: that many processes, so decoding (mp3 frames, resampling: ~150x real time a core) is not bound by
+    the GIL of the process that runs the encoder; they are forked from a forkserver, which starts without this
+    process's threads or CUDA context. workers 0: AUDIO_WORKERS threads of this process. fn must be picklable (a
+    module-level function, or a functools.partial of one): it runs in another process."""
+    if workers == 0:
+        yield from prefetch(lambda c: fn(c.path), clips, AUDIO_WORKERS)
+        return
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pending = deque()
     try:
-        todo = [c for c in dict((c.key, c) for c in clips).values() if c.key not in store.index]
+        for clip in clips:
+            pending.append((clip, pool.submit(fn, clip.path)))
+            if len(pending) >= 4 * workers:
+                c, fut = pending.popleft()
+                yield c, fut.result()
+        while pending:
+            c, fut = pending.popleft()
+            yield c, fut.result()
+    except BrokenProcessPool:
+        _POOLS.pop(workers, None)
+        near = pending[0][0].path if pending else "the last clips"
+        raise StoreError(f"a decoding process died (killed for memory?) near {near}; run again with fewer "
+                         "--workers: what was extracted is kept") from None
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# units, ranks and part stores
+
+def ranks():
+    """(rank, world size) when probe.py runs under torchrun (it starts the process group), else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def header_seconds(clips, crop=None):
+    """Each clip's duration from its header (0 for an unreadable one: it fails when decoded), at most `crop`."""
+    def one(c):
+        try:
+            return min(audio_info(c.path)[0] / SAMPLE_RATE, crop or math.inf)
+        except AudioError:
+            return 0.0
+    with ThreadPoolExecutor(16) as pool:  # header reads wait on the disk (a network one most of all), not the CPU
+        return list(pool.map(one, clips))
+
+
+def plan_units(clips, seconds, budget_seconds):
+    """Consecutive clips grouped into units of up to `budget_seconds` of audio by their header durations (a unit holds
+    at least one clip). A unit is encoded and committed together and its encoder calls depend on its own clips only,
+    so they are a function of the clip list: one process and any number of ranks (unit i on rank i % W) encode every
+    clip in the same batches and write the same rows, and so does a resumed run."""
+    units, unit, total = [], [], 0.0
+    for c, s in zip(clips, seconds):
+        if unit and total + s > budget_seconds:
+            units.append(unit)
+            unit, total = [], 0.0
+        unit.append(c)
+        total += s
+    if unit:
+        units.append(unit)
+    return units
+
+
+def _agree(error):
+    """Every rank's error (or None) to every rank; all raise StoreError if any rank has one, so that no rank waits
+    at a barrier for a rank that has stopped."""
+    rank, world = ranks()
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        torch.distributed.all_gather_object(errors, error)
+    bad = [f"rank {r}: {e}" if world > 1 else e for r, e in enumerate(errors) if e]
+    if bad:
+        raise StoreError("; ".join(bad))
+
+
+def part_path(path, rank, world):
+    return os.path.join(path, f"part-{rank}-of-{world}")
+
+
+def merge_parts(store, order=(), log=print):
+    """Copies the clips of the part stores under store.path (the ranks' shares) into the store, those in `order` (clip
+    keys) first and in that order, then deletes the parts. Rows go to disk before the index lines (FeatureStore), so
+    a merge stopped at any point loses nothing: it is run again on the next start."""
+    names = sorted(n for n in os.listdir(store.path) if n.startswith("part-"))
+    if not names:
+        return
+    parts = [FeatureStore(os.path.join(store.path, n), store.key) for n in names]
+    where = {}
+    for part in parts:
+        for k in part.index:
+            where.setdefault(k, part)
+    keys = list(dict.fromkeys([k for k in order if k in where] + list(where)))
+    keys = [k for k in keys if k not in store.index]
+    batch, size = [], 0
+    for k in keys:
+        part = where[k]
+        start, n = part.index[k]
+        rows = part.array()[start:start + n]
+        if n * store.row_bytes > MERGE_BYTES:  # a long track's frames: copied in pieces, indexed once
+            step = max(1, MERGE_BYTES // store.row_bytes)
+            for i in range(0, n, step):
+                store.write_part(np.asarray(rows[i:i + step]))
+            store.commit(k)
+            continue
+        batch.append((k, rows))
+        size += n * store.row_bytes
+        if size >= MERGE_BYTES:
+            store.append(batch)
+            batch, size = [], 0
+    if batch:
+        store.append(batch)
+    for n in names:
+        shutil.rmtree(os.path.join(store.path, n))
+    if keys:
+        log(f"{store.path}: {len(keys)} clips copied from {len(names)} part store{'s' if len(names) > 1 else ''}")
+
+
+def extract_units(path, key, row_shape, clips, seconds, budget_seconds, work, log=print):
+    """The store at `path` completed with every clip of `clips` that can be extracted; returns {clip key: reason}
+    for the others (from every rank). Clips are planned into units (plan_units, from `seconds(todo)` durations) and
+    work(out, units, stored, todo, failed) extracts the given units into the store `out`, leaving out the clips of
+    `stored` (already in the store; a unit is redone whole when any of its clips is missing).
+    Under torchrun the units not yet stored are shared: rank r does every W-th, starting at r, into its part store
+    <path>/part-r-of-W/ (a FeatureStore of the same key), and rank 0 copies the parts into the store in unit order
+    once every rank is done. A run killed on any rank resumes: rank 0 first copies what the parts hold."""
+    rank, world = ranks()
+    clips = list(dict((c.key, c) for c in clips).values())
+    main, error = None, None
+    if rank == 0:
+        try:
+            main = FeatureStore(path, key, row_shape, write=True, wait=log)
+            merge_parts(main, log=log)  # what an interrupted sharded run left
+        except StoreError as e:
+            error = str(e)
+    try:
+        _agree(error)
+        stored = set(main.index if rank == 0 else FeatureStore(path, key).index)
+        todo = [c for c in clips if c.key not in stored]
         failed = {}
-        if not todo:
-            return failed
+        if todo:
+            plan = plan_units(clips, seconds(clips), budget_seconds)
+            units = [u for u in plan if any(c.key not in stored for c in u)][rank::world]
+            if world == 1:
+                work(main, units, stored, todo, failed)
+            else:
+                error = None
+                try:
+                    out = FeatureStore(part_path(path, rank, world), key, row_shape, write=True, wait=log)
+                    try:
+                        work(out, units, stored, todo, failed)
+                    finally:
+                        out.close()
+                except Exception as e:  # every rank stops with it, not only this one
+                    error = f"{type(e).__name__}: {e}" if not isinstance(e, StoreError) else str(e)
+                gathered = [None] * world
+                torch.distributed.all_gather_object(gathered, (failed, error))
+                bad = [f"rank {r}: {e}" for r, (_, e) in enumerate(gathered) if e]
+                if bad:
+                    raise StoreError("; ".join(bad))
+                failed = {k: v for f, _ in gathered for k, v in f.items()}
+                if rank == 0:
+                    merge_parts(main, [c.key for u in plan for c in u], log)
+        return failed
+    finally:
+        if main is not None:
+            main.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# extraction into the store
+
+def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print, workers=0):
+    """Extracts the clips not yet in the store at `path` (under torchrun, this rank's share: extract_units) and
+    returns {clip key: reason} for those that could not be used. A unit (about `batch_seconds` of audio) is encoded
+    in calls of up to that much audio, a long clip's windows spanning several, and committed once all its clips are
+    done. workers: decoding processes (0: threads; decode_ahead)."""
+    num_states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
+    budget = batch_seconds * SAMPLE_RATE
+    rank, world = ranks()
+
+    def work(store, units, stored, todo, failed):
+        nonlocal encoder
         encoder = encoder.to(device)
-        budget = batch_seconds * SAMPLE_RATE
-        batch, batch_samples = [], 0
+        batch = []
 
         def flush():
             windows = [w for _, ws in batch for w in ws]
@@ -454,11 +648,13 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
                 # 10-minute track ends ~70 MB higher than its audio needs (tests/test_probe_mtg.py)
                 _malloc_trim(0)
                 i = j
-            pooled = np.concatenate(pooled)
+            pooled = np.concatenate(pooled) if pooled else None
             done, start = [], 0
             for clip, ws in batch:
                 a = pooled[start:start + len(ws)]
                 start += len(ws)
+                if clip.key in stored or clip.key in store.index:
+                    continue  # encoded again only because its unit was not complete
                 peak = float(np.abs(a).max())
                 if not np.isfinite(peak) or peak > np.finfo(DTYPE).max:
                     failed[clip.key] = (f"{clip.path}: hidden states reach {peak:.3g}, beyond float16 "
@@ -468,26 +664,29 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print):
             store.append(done)
             batch.clear()
 
-        bar = tqdm(total=len(todo), desc=f"extract -> {path}", unit="clip")
-        for clip, (windows, error) in prefetch(lambda c: _read_windows(c, ext), todo, AUDIO_WORKERS):
+        unit_of = {c.key: i for i, u in enumerate(units) for c in u}
+        current = None
+        bar = tqdm(total=sum(len(u) for u in units), unit="clip",
+                   desc=f"extract -> {path}" + (f" (rank {rank} of {world})" if world > 1 else ""))
+        for clip, (windows, error) in decode_ahead(functools.partial(_read_windows, ext=ext),
+                                                   [c for u in units for c in u], workers):
+            if batch and unit_of[clip.key] != current:
+                flush()
+            current = unit_of[clip.key]
             if error is None and not windows:
                 error = f"{clip.path}: too short for one window ({describe_windows(ext)})"
             if error is not None:
                 failed[clip.key] = error
             else:
-                n = sum(len(w) for w in windows)
-                if batch and batch_samples + n > budget:
-                    flush()
-                    batch_samples = 0
                 batch.append((clip, windows))
-                batch_samples += n
             bar.update(1)
         if batch:
             flush()
         bar.close()
-        return failed
-    finally:
-        store.close()
+
+    crop = ext.crop if ext.cut == "16k" else None
+    return extract_units(path, key, (num_states, dim), clips, lambda cs: header_seconds(cs, crop), batch_seconds,
+                         work, log)
 
 
 def describe_windows(ext):

@@ -213,7 +213,7 @@ class AudioReader:
         """{clip key: reason} for the clips that cannot be used; counts the windows of the others."""
         failed = {}
         todo = [c for c in dict((c.key, c) for c in clips).values() if c.key not in self.count]
-        for clip, (windows, error) in prefetch(lambda c: _read_windows(c, self.ext), todo, AUDIO_WORKERS):
+        for clip, (windows, error) in prefetch(lambda c: _read_windows(c.path, self.ext), todo, AUDIO_WORKERS):
             if error is None and not windows:
                 error = f"{clip.path}: too short for one window ({describe_windows(self.ext)})"
             if error is not None:
@@ -229,7 +229,7 @@ class AudioReader:
     def windows(self, clip):
         if clip.key in self.cache:
             return self.cache[clip.key]
-        windows, error = _read_windows(clip, self.ext)
+        windows, error = _read_windows(clip.path, self.ext)
         if error is not None or len(windows) != self.count[clip.key]:
             raise AudioError(error or f"{clip.path}: now gives {len(windows)} windows, {self.count[clip.key]} when "
                              "the run started (was the file replaced?)")

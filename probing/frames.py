@@ -28,6 +28,7 @@ by decoding its whole activation with madmom's DBN.
    f_70ms is the headline and the monitored validation metric.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -48,8 +49,8 @@ from madmom.features.beats import DBNBeatTrackingProcessor
 from data.audio import SAMPLE_RATE, AudioError, audio_info
 from model import receptive_field
 from probing import runs
-from probing.features import (AUDIO_WORKERS, DTYPE, FeatureStore, Rows, StoreError, cache_key, encode, prefetch,
-                              read_16k, rows_of, store_path, znorm_)
+from probing.features import (DTYPE, Rows, StoreError, cache_key, decode_ahead, encode,
+                              extract_units, header_seconds, ranks, read_16k, rows_of, store_path, znorm_)
 from probing.heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results, validation_best
 
 BEAT_METRICS = ("f_70ms", "f_20ms", "track_f_70ms", "track_f_20ms")  # the first is the headline and the monitor
@@ -156,28 +157,35 @@ def check_disk(path, clips, ext, stride, row_bytes, log, num_states=1):
                          f"{smaller}, or give --cache-dir on a larger disk")
 
 
-def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=print):
-    """Extracts the clips not yet in the store at `path`; returns {clip key: reason} for those that could not be
-    used. Windows of consecutive tracks share encoder calls of about `batch_seconds` of audio; a track's rows are
-    written window by window and indexed once all are on disk."""
+def _read_track(path, ext):
+    try:
+        return read_track(path, ext), None
+    except AudioError as e:
+        return None, str(e)
+
+
+def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=print, workers=0):
+    """Extracts the clips not yet in the store at `path` (under torchrun, this rank's share: extract_units); returns
+    {clip key: reason} for those that could not be used. Windows of the tracks of one unit (about `batch_seconds`
+    of audio) share encoder calls of up to that much audio; a track's rows are written window by window and indexed
+    once all are on disk. workers: decoding processes (0: threads)."""
     field, stride = receptive_field(encoder.cfg.conv_layers)
     states = stored_states(ext, encoder)
-    store = FeatureStore(path, key, (len(states), encoder.cfg.dim), write=True, wait=log)
-    try:
-        todo = [c for c in dict((c.key, c) for c in clips).values() if c.key not in store.index]
-        failed = {}
-        if not todo:
-            return failed
-        check_disk(path, todo, ext, stride, store.row_bytes, log, len(states))
+    budget = batch_seconds * SAMPLE_RATE
+    rank, world = ranks()
+
+    def work(store, units, stored, todo, failed):
+        nonlocal encoder
+        if rank == 0:
+            check_disk(path, todo, ext, stride, store.row_bytes, log, len(states))
         encoder = encoder.to(device)
-        budget = batch_seconds * SAMPLE_RATE
         pending = []  # (clip, frames kept, last window of its track, encoder input), in track order
 
         def flush():
             outs = frame_hidden_states(encoder, [p[3] for p in pending], [p[1] for p in pending], states, device)
             for (clip, _, last, _), a in zip(pending, outs):
-                if clip.key in failed:
-                    continue
+                if clip.key in failed or clip.key in stored or clip.key in store.index:
+                    continue  # failed, or encoded again only because its unit was not complete
                 peak = float(np.abs(a).max()) if a.size else 0.0
                 if not np.isfinite(peak) or peak > np.finfo(DTYPE).max:
                     failed[clip.key] = (f"{clip.path}: hidden states reach {peak:.3g}, beyond float16 "
@@ -189,14 +197,13 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
                     store.commit(clip.key)
             pending.clear()
 
-        def read(clip):
-            try:
-                return read_track(clip.path, ext), None
-            except AudioError as e:
-                return None, str(e)
-
-        t0, done = time.time(), 0
-        for clip, (wav, error) in prefetch(read, todo, AUDIO_WORKERS):
+        unit_of = {c.key: i for i, u in enumerate(units) for c in u}
+        current, t0, done = None, time.time(), 0
+        for clip, (wav, error) in decode_ahead(functools.partial(_read_track, ext=ext),
+                                               [c for u in units for c in u], workers):
+            if pending and unit_of[clip.key] != current:
+                flush()
+            current = unit_of[clip.key]
             if error is not None:
                 failed[clip.key] = error
                 continue
@@ -207,12 +214,13 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
                 pending.append((clip, keep, i == len(inputs) - 1, x))
             done += 1
             if done % 100 == 0:
-                log(f"  {done}/{len(todo)} tracks, {time.time() - t0:.0f} s")
+                log(f"  {done}/{sum(len(u) for u in units)} tracks, {time.time() - t0:.0f} s"
+                    + (f" (rank {rank} of {world})" if world > 1 else ""))
         if pending:
             flush()
-        return failed
-    finally:
-        store.close()
+
+    return extract_units(path, key, (len(states), encoder.cfg.dim), clips, lambda cs: header_seconds(cs, ext.crop),
+                         batch_seconds, work, log)
 
 
 # ------------------------------------------------------------------------------------------------------------------

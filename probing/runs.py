@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from probing.features import FeatureStore, StoreError
+from probing.features import FeatureStore, StoreError, ranks
 from probing.heads import ProbeHeads, validation_best
 
 SWEEP_LRS = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2)
@@ -45,12 +45,21 @@ def head_grid(task, args, num_states):
     return [choice], [args.lr or task.lr]
 
 
+class OtherRank(Exception):
+    """Raised on the ranks other than 0 once their share of a task's extraction is in: rank 0 trains the heads and
+    writes the results (probe.py goes on with the next task)."""
+
+
 def extract_or_exit(task_name, extract_fn, ext, clips, encoder, path, key, args, log):
     """Runs probing.features.extract or probing.frames.extract_frames into the store at `path`; returns (the store,
-    {clip key: reason} of the clips left out, seconds). A store that is not what it should be ends the run."""
+    {clip key: reason} of the clips left out, seconds). A store that is not what it should be ends the run. Under
+    torchrun every rank extracts its share, and only rank 0 goes on (the others raise OtherRank)."""
     t0 = time.time()
     try:
-        failed = extract_fn(ext, clips, encoder, path, key, args.device, args.batch_seconds, log)
+        failed = extract_fn(ext, clips, encoder, path, key, args.device, args.batch_seconds, log,
+                            workers=getattr(args, "workers", 0))
+        if ranks()[0] != 0:
+            raise OtherRank(task_name)
         store = FeatureStore(path, key)
     except StoreError as e:
         sys.exit(f"{task_name}: {e}")
