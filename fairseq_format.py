@@ -189,9 +189,8 @@ def encoder_config(ckpt, path):
             raise FairseqFormatError(f"{path}: {field}={model[field]!r} ({what}) is not supported; only "
                                      f"{field}={ours!r}")
     rate = task.get("sample_rate", 16000)
-    if rate != 16000:
-        raise FairseqFormatError(f"{path}: sample_rate {rate} (task field) is not supported; the encoder runs at "
-                                 f"16000 Hz")
+    if not isinstance(rate, int) or rate <= 0:
+        raise FairseqFormatError(f"{path}: task.sample_rate {rate!r} is not a rate in Hz")
     mode = model.get("extractor_mode", "default")
     if mode not in ("default", "layer_norm"):
         raise FairseqFormatError(f"{path}: extractor_mode {mode!r} is not supported (default | layer_norm)")
@@ -212,7 +211,8 @@ def encoder_config(ckpt, path):
         pos_conv_groups=int(get("conv_pos_groups", 16)), dropout=float(get("dropout", 0.1)),
         attention_dropout=float(get("attention_dropout", 0.1)),
         activation_dropout=float(get("activation_dropout", 0.0)), dropout_input=float(get("dropout_input", 0.0)),
-        dropout_features=float(get("dropout_features", 0.0)), layerdrop=float(get("encoder_layerdrop", 0.0)))
+        dropout_features=float(get("dropout_features", 0.0)), layerdrop=float(get("encoder_layerdrop", 0.0)),
+        sample_rate=rate)
     return fields, family, task
 
 

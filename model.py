@@ -56,6 +56,9 @@ class EncoderConfig:
     # padded frames zeroed before every positional conv). False: transformers' batch behaviour, which lets padding
     # leak into GroupNorm statistics and into data2vec's stacked positional convs.
     padding_exact: bool = True
+    # the rate the encoder's input is sampled at; every consumer (probe, analyze, fine-tuning, the pre-training data)
+    # resamples to it. The conv stack's stride (320) makes it 50 Hz frames at 16 kHz, 75 Hz at 24 kHz (MERT-v1)
+    sample_rate: int = 16000
 
     @classmethod
     def hubert_base(cls, **overrides):
@@ -87,6 +90,13 @@ class EncoderConfig:
             raise ValueError(f"extractor_mode must be 'group' or 'layer', got {self.extractor_mode!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if not (isinstance(self.sample_rate, int) and self.sample_rate > 0):
+            raise ValueError(f"sample_rate must be a positive integer (Hz), got {self.sample_rate!r}")
+
+    @property
+    def frame_rate(self):
+        """Encoder frames per second: the sample rate over the conv stack's total stride."""
+        return self.sample_rate / receptive_field(self.conv_layers)[1]
 
 
 @dataclass
@@ -562,11 +572,34 @@ _HF_HEADS = ("quantizer.", "project_q.", "project_hid.", "lm_head.", "projector.
 _HF_PREFIXES = ("wav2vec2.", "hubert.", "data2vec_audio.")
 
 
-def config_from_hf(hf, normalize_waveform=None):
-    """EncoderConfig from a transformers config.json dict (hubert, wav2vec2, data2vec-audio)."""
+# MERT's folders (m-a-p/MERT-v1-95M, -330M; older configs spell it music_hubert) are HuBERT's layout under HuBERT's
+# weight names, plus these fields (MERTConfig): the two that change the network are refused, attention_relax is not
+# (dividing the logits by c, subtracting the row max and multiplying by c again is the identity for the softmax: an
+# fp16 guard), and sample_rate sets the input rate (24 kHz -> 75 Hz frames from the same conv stack).
+MERT_TYPES = ("mert_model", "music_hubert")
+MERT_REFUSED = (("feature_extractor_cqt", "336 CQT bins concatenated to the conv features; upstream computes that CQT "
+                                          "at 50 Hz against 75 Hz conv frames; MERT's released checkpoints have it "
+                                          "false"),
+                ("deepnorm", "residuals scaled by (2N)^(1/4); MERT's released checkpoints have it false"))
+
+
+def config_from_hf(hf, normalize_waveform=None, sample_rate=None):
+    """EncoderConfig from a transformers config.json dict (hubert, wav2vec2, data2vec-audio; MERT's mert_model /
+    music_hubert as the HuBERT it is). sample_rate: the preprocessor's sampling_rate, where the folder has one."""
     kind = hf.get("model_type")
+    if kind in MERT_TYPES:
+        for field, what in MERT_REFUSED:
+            if hf.get(field, False):
+                raise ValueError(f"{field}=true ({what}) is not supported")
+        kind = "hubert"
     if kind not in ("hubert", "wav2vec2", "data2vec-audio"):
-        raise ValueError(f"model_type {kind!r} is not supported (expected hubert, wav2vec2 or data2vec-audio)")
+        raise ValueError(f"model_type {kind!r} is not supported (expected hubert, wav2vec2, data2vec-audio, or "
+                         f"MERT's {' / '.join(MERT_TYPES)})")
+    rate = hf.get("sample_rate")
+    if rate is not None and sample_rate is not None and int(rate) != int(sample_rate):
+        raise ValueError(f"config.json says sample_rate {rate}, preprocessor_config.json sampling_rate "
+                         f"{sample_rate}: which one the model was trained at is unclear")
+    rate = int(rate or sample_rate or 16000)
     for key, want in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu")):
         if hf.get(key, want) != want:
             raise ValueError(f"{key}={hf[key]!r} is not supported (only {want!r})")
@@ -587,7 +620,7 @@ def config_from_hf(hf, normalize_waveform=None):
         pos_conv_groups=hf["num_conv_pos_embedding_groups"],
         dropout=hf.get("hidden_dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.1),
         activation_dropout=hf.get("activation_dropout", 0.0), dropout_input=hf.get("feat_proj_dropout", 0.0),
-        layerdrop=hf.get("layerdrop", 0.0), layer_norm_eps=hf.get("layer_norm_eps", 1e-5))
+        layerdrop=hf.get("layerdrop", 0.0), layer_norm_eps=hf.get("layer_norm_eps", 1e-5), sample_rate=rate)
 
 
 def _read_hf_weights(folder):
@@ -609,12 +642,16 @@ def load_pretrained(path, map_location="cpu"):
             raise FileNotFoundError(f"{path}: a Hugging Face model folder needs config.json")
         with open(cfg_path) as f:
             hf = json.load(f)
-        normalize = None
+        normalize, rate = None, None
         pre = os.path.join(path, "preprocessor_config.json")
-        if os.path.exists(pre):  # the feature extractor's do_normalize is what the checkpoint was used with
+        if os.path.exists(pre):  # the feature extractor's do_normalize and rate are what the checkpoint is used with
             with open(pre) as f:
-                normalize = bool(json.load(f).get("do_normalize", False))
-        cfg = config_from_hf(hf, normalize)
+                pre = json.load(f)
+            normalize, rate = bool(pre.get("do_normalize", False)), pre.get("sampling_rate")
+        try:
+            cfg = config_from_hf(hf, normalize, rate)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         encoder = Encoder(cfg)
         ours = {_hf_name(n, cfg): n for n in encoder.state_dict()}
         state, ignored, unknown = {}, [], []
@@ -736,7 +773,8 @@ def config_to_hf(cfg):
         hidden_size=cfg.dim, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
         intermediate_size=cfg.ffn, layer_norm_eps=cfg.layer_norm_eps, num_conv_pos_embedding_groups=cfg.pos_conv_groups,
         hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-        activation_dropout=cfg.activation_dropout, feat_proj_dropout=cfg.dropout_input, layerdrop=cfg.layerdrop)
+        activation_dropout=cfg.activation_dropout, feat_proj_dropout=cfg.dropout_input, layerdrop=cfg.layerdrop,
+        sample_rate=cfg.sample_rate)  # not a transformers field (it keeps it as an attribute): MERT's spelling
     if d2v:
         hf.update(num_conv_pos_embeddings=cfg.pos_conv_depth, conv_pos_kernel_size=cfg.pos_conv_kernel)
     else:
@@ -840,5 +878,5 @@ def save_hf(encoder, folder, quantizer=None, project_q=None, project_hid=None, e
         json.dump(hf, f, indent=2)
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump({"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "padding_side": "right",
-                   "padding_value": 0.0, "sampling_rate": 16000, "do_normalize": cfg.normalize_waveform,
+                   "padding_value": 0.0, "sampling_rate": cfg.sample_rate, "do_normalize": cfg.normalize_waveform,
                    "return_attention_mask": True}, f, indent=2)
