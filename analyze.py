@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import torch
 
-from data.audio import SAMPLE_RATE, AudioError, load_audio
+from data.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from data.downstream import NSYNTH_FAMILIES, DataSetError, read_nsynth
 from data.manifest import ManifestError, read_manifest
 from model import Encoder, GumbelQuantizer, codeword_indices, load_pretrained, load_quantizer, receptive_field
@@ -247,11 +247,15 @@ def note_codes(models, clips, batch_size, device, log):
     """Codes of every frame of every note for each model: per model a list (per note) of T x groups arrays, and per
     note the frame levels (dB re its loudest frame). The audio is read once for all models."""
     conv_layers = models[0][1].cfg.conv_layers
+    rates = sorted({m[1].cfg.sample_rate for m in models})
+    if len(rates) > 1:
+        raise SystemExit(f"codes: the models run at different sample rates ({rates} Hz); compare models of one rate")
     field, _ = receptive_field(conv_layers)
     codes = [[] for _ in models]
     levels = []
     for start in range(0, len(clips), batch_size):
-        wavs = [load_audio(c.path, min_samples=field) for c in clips[start:start + batch_size]]
+        rate = models[0][1].cfg.sample_rate
+        wavs = [load_audio(c.path, sr=rate, min_samples=field) for c in clips[start:start + batch_size]]
         lengths = torch.tensor([len(w) for w in wavs])
         wav = torch.zeros(len(wavs), int(lengths.max()))
         for i, w in enumerate(wavs):
@@ -513,11 +517,13 @@ def conv_output(encoder, out, which):
     return normed if which == "norm" else encoder.feature_proj(normed)
 
 
-def middle_crops(clips, seconds, min_samples):
-    """Per manifest clip, `seconds` from its middle (the whole clip when shorter)."""
-    want = int(round(seconds * SAMPLE_RATE))
+def middle_crops(clips, seconds, min_samples, rate=SAMPLE_RATE):
+    """Per manifest clip, `seconds` from its middle (the whole clip when shorter), at the model's `rate`. The
+    manifest's sample counts are 16 kHz ones (data/manifest.py's default); at another rate the header is read."""
+    want = int(round(seconds * rate))
     for path, n in clips:
-        yield load_audio(path, start=max(0, (n - want) // 2), frames=want, min_samples=min_samples)
+        n = n if rate == SAMPLE_RATE else audio_info(path, sr=rate)[0]
+        yield load_audio(path, sr=rate, start=max(0, (n - want) // 2), frames=want, min_samples=min_samples)
 
 
 def layer_similarity(encoder, clips, which, seconds, batch_size, device, keep, log=print):
@@ -526,7 +532,7 @@ def layer_similarity(encoder, clips, which, seconds, batch_size, device, keep, l
     field, _ = receptive_field(encoder.cfg.conv_layers)
     accs = [JointCovariance() for _ in range(encoder.cfg.layers + 1)]
     dim_x = None
-    crops = middle_crops(clips, seconds, field)
+    crops = middle_crops(clips, seconds, field, encoder.cfg.sample_rate)
     done = 0
     while True:
         wavs = [w for _, w in zip(range(batch_size), crops)]

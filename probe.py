@@ -56,7 +56,7 @@ def run(task_name, model_spec, encoder, tag, args, log=print):
     if task.kind == "beat":  # frame features, beat decoding: probing/frames.py
         return frames.run(task_name, task, listing, model_spec, encoder, tag, args, log)
     if args.mode != "frozen":  # the wav2vec 2.0 paper's fe / ft1 / ft2: probing/finetune.py
-        return finetune.run(task_name, task, listing, task_extraction(task, args), model_spec, encoder, tag, args,
+        return finetune.run(task_name, task, listing, task_extraction(task, args, encoder.cfg.sample_rate), model_spec, encoder, tag, args,
                             log)
     return clips.run(task_name, task, listing, model_spec, encoder, tag, args, log)
 

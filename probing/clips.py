@@ -121,7 +121,7 @@ def train_heads(task, rows, data, layer_choices, lrs, epochs, seed, device, log=
 def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
     """One clip-level (task, model, seed) run from its listing on: extraction into the store (or the stored rows),
     the heads, the results line (and --save-heads)."""
-    ext = task_extraction(task, args)
+    ext = task_extraction(task, args, encoder.cfg.sample_rate)
     key = cache_key(tag, ext)
     path = store_path(args.cache_dir, task.features or task_name, key)
     store, failed, extract_s = extract_or_exit(task_name, extract, ext, listing.clips, encoder, path, key, args, log)

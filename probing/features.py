@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import soundfile as sf
 
-from data.audio import SAMPLE_RATE, AudioError, _ratio, _resample_context, _resampled_length, audio_info, load_audio
+from data.audio import SAMPLE_RATE, AudioError, _ratio, _resample_context, _resampled_length, load_audio
 
 FORMAT_VERSION = 2  # 1: one fp32 .npy per clip (probe.py part 1); 2: this store
 DTYPE = np.float16
@@ -65,6 +65,7 @@ class Extraction:
     cut: str = "16k"  # "16k": cut the 16 kHz signal; "vocalset": MARBLE's VocalSet chunking, see vocalset_chunks
     cut_rate: Optional[int] = None  # for cut="vocalset": the rate the chunks are cut at (MARBLE: 44,100)
     pooling: str = "mean"  # mean over the window's frames
+    sample_rate: int = SAMPLE_RATE  # the model's rate: clips are resampled to it (runs.task_extraction sets it)
 
     def __post_init__(self):
         if self.normalize not in ("clip", "window"):
@@ -82,8 +83,9 @@ class Extraction:
 
 def cache_key(model_tag, ext):
     """Everything that changes a stored row: the model, the extraction settings, the rate and the file format."""
-    return dict(format=FORMAT_VERSION, model=model_tag, sample_rate=SAMPLE_RATE, dtype=np.dtype(DTYPE).name,
-                **asdict(ext))
+    settings = {k: v for k, v in asdict(ext).items() if k != "sample_rate"}  # 16 kHz keys as before the field
+    return dict(format=FORMAT_VERSION, model=model_tag, sample_rate=ext.sample_rate, dtype=np.dtype(DTYPE).name,
+                **settings)
 
 
 def store_path(cache_dir, features, key):
@@ -110,8 +112,8 @@ def znorm_(x, block=1 << 20):
     return x
 
 
-def read_16k(path, frames=None, block_seconds=BLOCK_SECONDS):
-    """load_audio(path, frames=frames): float32 mono 16 kHz, the first `frames` samples or all, with the same
+def read_16k(path, frames=None, block_seconds=BLOCK_SECONDS, rate=SAMPLE_RATE):
+    """load_audio(path, sr=rate, frames=frames): float32 mono at `rate` (16 kHz unless the model's is another), the first `frames` samples or all, with the same
     samples, but resampled block by block into one preallocated array, each block from a source segment aligned as
     load_audio aligns a crop (with the FIR's reach either side). A 10-minute 44.1 kHz track then peaks at its
     decoded source (106 MB mono) plus the 38 MB result, instead of ~250 MB with a float64 resample of the whole.
@@ -126,7 +128,7 @@ def read_16k(path, frames=None, block_seconds=BLOCK_SECONDS):
         source_sr, total = f.samplerate, f.frames
         if total <= 0:
             raise AudioError(f"{path}: empty (0 frames)")
-        up, down = _ratio(source_sr, SAMPLE_RATE)
+        up, down = _ratio(source_sr, rate)
         want = total if frames is None else min(total, -(-int(frames) * down // up) + _resample_context(up, down))
         try:
             x = f.read(want, dtype="float32", always_2d=True)
@@ -138,9 +140,9 @@ def read_16k(path, frames=None, block_seconds=BLOCK_SECONDS):
     if up == down:
         out = np.ascontiguousarray(x[:frames])
     else:
-        stop = _resampled_length(len(x), source_sr, SAMPLE_RATE)
+        stop = _resampled_length(len(x), source_sr, rate)
         stop = stop if frames is None else min(stop, int(frames))
-        out, context, step = np.empty(stop, np.float32), _resample_context(up, down), int(block_seconds * SAMPLE_RATE)
+        out, context, step = np.empty(stop, np.float32), _resample_context(up, down), int(block_seconds * rate)
         for o0 in range(0, stop, step):
             o1 = min(stop, o0 + step)
             s0 = max(0, (o0 * down // up - context) // down * down)  # load_audio's crop alignment
@@ -174,29 +176,32 @@ def vocalset_chunks(x, rate, seconds):
 
 
 def clip_windows(path, ext):
-    """The windows of one audio file, float32 at 16 kHz, each to go through the encoder as it is.
+    """The windows of one audio file, float32 at the model's rate (ext.sample_rate), each to go through the encoder
+    as it is.
 
-    cut "16k" (MARBLE's extract_*_features.py): read at 16 kHz (the first `crop` seconds), z-normalise the whole clip,
+    cut "16k" (MARBLE's extract_*_features.py; the name is the 16 kHz models'): read at the model's rate (the first `crop` seconds), z-normalise the whole clip,
     then non-overlapping windows of `window` seconds; only the last may be shorter, and is dropped under `min_last`.
     cut "vocalset" (MARBLE's tasks/VocalSet/preprocess.py, which writes each chunk as its own file): read at
-    `cut_rate`, trim leading silence, cut vocalset_chunks, resample each chunk to 16 kHz on its own and z-normalise it.
+    `cut_rate`, trim leading silence, cut vocalset_chunks, resample each chunk to the model's rate on its own and z-normalise it.
     """
     if ext.cut == "vocalset":
         wav = load_audio(path, sr=ext.cut_rate)  # MARBLE resamples to 44.1 kHz first: a no-op for VocalSet's files
         if ext.trim:
             wav = trim_leading_silence(wav, frame=ext.cut_rate // 50)
-        g = math.gcd(SAMPLE_RATE, ext.cut_rate)
-        windows = [resample_poly(c, SAMPLE_RATE // g, ext.cut_rate // g).astype(np.float32)
+        rate = ext.sample_rate
+        g = math.gcd(rate, ext.cut_rate)
+        windows = [resample_poly(c, rate // g, ext.cut_rate // g).astype(np.float32)
                    for c in vocalset_chunks(wav, ext.cut_rate, ext.window)]
     else:
-        wav = read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * SAMPLE_RATE)))
+        rate = ext.sample_rate
+        wav = read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * rate)), rate=rate)
         if ext.trim:
-            wav = trim_leading_silence(wav)
+            wav = trim_leading_silence(wav, frame=rate // 50)
         if ext.normalize == "clip":
             wav = znorm_(wav)  # the windows below are views of it: a 10-minute track is held once, in float32
-        size = int(SAMPLE_RATE * ext.window)
+        size = int(rate * ext.window)
         windows = [wav[s:s + size] for s in range(0, len(wav), size)]
-        if windows and len(windows[-1]) < SAMPLE_RATE * ext.min_last:
+        if windows and len(windows[-1]) < rate * ext.min_last:
             windows.pop()
     return [znorm_(w) for w in windows] if ext.normalize == "window" else windows  # in place (views)
 
@@ -488,8 +493,9 @@ def header_seconds(clips, crop=None):
     """Each clip's duration from its header (0 for an unreadable one: it fails when decoded), at most `crop`."""
     def one(c):
         try:
-            return min(audio_info(c.path)[0] / SAMPLE_RATE, crop or math.inf)
-        except AudioError:
+            info = sf.info(str(c.path))
+            return min(info.frames / info.samplerate, crop or math.inf)
+        except Exception:  # soundfile raises LibsndfileError, RuntimeError or TypeError, by the failure
             return 0.0
     with ThreadPoolExecutor(16) as pool:  # header reads wait on the disk (a network one most of all), not the CPU
         return list(pool.map(one, clips))
@@ -627,7 +633,9 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print, wo
     in calls of up to that much audio, a long clip's windows spanning several, and committed once all its clips are
     done. workers: decoding processes (0: threads; decode_ahead)."""
     num_states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
-    budget = batch_seconds * SAMPLE_RATE
+    if ext.sample_rate != encoder.cfg.sample_rate:
+        raise ValueError(f"extraction at {ext.sample_rate} Hz for a model of {encoder.cfg.sample_rate} Hz")
+    budget = batch_seconds * ext.sample_rate
     rank, world = ranks()
 
     def work(store, units, stored, todo, failed):

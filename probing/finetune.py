@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data.audio import SAMPLE_RATE, AudioError
+from data.audio import AudioError
 from model import Encoder
 from probing import runs
 from probing.clips import clip_average, loss_fn
@@ -475,7 +475,7 @@ def run(task_name, task, listing, ext, model_spec, encoder, tag, args, log=print
     head_lr = args.lr or (FE_LR if mode == "fe" else HEAD_LR)
     encoder_lr = args.encoder_lr if args.encoder_lr is not None else ENCODER_LR
     epochs = args.epochs or task.epochs
-    budget = int(args.batch_seconds * SAMPLE_RATE)
+    budget = int(args.batch_seconds * ext.sample_rate)
     model = prepare(encoder, task.num_classes, mode, args.seed)
     windows = {s: sum(reader.count[c.key] for c in d.clips) if task.item == "clip" else len(d) for s, d in
                data.items()}

@@ -8,7 +8,7 @@ It sits beside the clip-level path (probe.py, probing/features.py) and shares it
 are 20 ms frames instead of pooled windows, a training item is a random 10 s crop of a track, and a track is scored
 by decoding its whole activation with madmom's DBN.
 
-1. Frames (extract_frames). A track is read at 16 kHz, z-normalised once (as every probe clip), and run through the
+1. Frames (extract_frames). A track is read at the model's rate (16 kHz; MERT-v1 24 kHz, 75 Hz frames), z-normalised once (as every probe clip), and run through the
    frozen encoder in windows of 30 s, each padded by half the conv front end's receptive field on both sides (real
    audio where the track has it, zeros at its ends), so that frame j is centred on j / 50 s and a track of L samples
    has exactly L // 320 + 1 frames: the frame of a beat at t is round(50 t), for features and labels alike. One row
@@ -73,6 +73,7 @@ class FrameExtraction:
     normalize: str = "clip"  # z-normalise the whole track once, as probing.features.clip_windows
     pooling: str = "frames"  # one row per frame: nothing is pooled
     states: Optional[tuple] = None  # the hidden states stored: None all, else e.g. (7,) for --layers 7
+    sample_rate: int = SAMPLE_RATE  # the model's rate (frames at sample_rate / stride: 50 Hz, MERT-v1's 75 Hz)
 
     def __post_init__(self):
         if not self.window > 0 or (self.crop is not None and not self.crop > 0):
@@ -88,9 +89,9 @@ FRAMES = FrameExtraction()
 def track_windows(num_samples, ext, stride):
     """[(start, stop)] sample ranges covering the track: `window` seconds each (a multiple of the stride), a last
     one shorter than `min_last` joined to the one before."""
-    size = max(1, int(round(ext.window * SAMPLE_RATE / stride))) * stride
+    size = max(1, int(round(ext.window * ext.sample_rate / stride))) * stride
     starts = list(range(0, num_samples, size)) or [0]
-    if len(starts) > 1 and num_samples - starts[-1] < ext.min_last * SAMPLE_RATE:
+    if len(starts) > 1 and num_samples - starts[-1] < ext.min_last * ext.sample_rate:
         starts.pop()
     return [(a, starts[i + 1] if i + 1 < len(starts) else num_samples) for i, a in enumerate(starts)]
 
@@ -111,9 +112,10 @@ def num_frames(num_samples, stride):
 
 
 def read_track(path, ext):
-    """The track at 16 kHz (its first `crop` seconds), z-normalised once, as probing.features.clip_windows reads a
+    """The track at the model's rate (its first `crop` seconds), z-normalised once, as probing.features.clip_windows reads a
     clip: block-wise resampling and in-place normalisation, so a 10-minute track is held about once."""
-    return znorm_(read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * SAMPLE_RATE))))
+    rate = ext.sample_rate
+    return znorm_(read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * rate)), rate=rate))
 
 
 @torch.no_grad()
@@ -141,11 +143,11 @@ def check_disk(path, clips, ext, stride, row_bytes, log, num_states=1):
     need = 0
     for c in clips:
         try:
-            n = audio_info(c.path)[0]
+            n = audio_info(c.path, sr=ext.sample_rate)[0]
         except AudioError:
             continue  # reported with its path when extraction reads it
         if ext.crop is not None:
-            n = min(n, int(round(ext.crop * SAMPLE_RATE)))
+            n = min(n, int(round(ext.crop * ext.sample_rate)))
         need += num_frames(n, stride) * row_bytes
     free = shutil.disk_usage(path).free
     log(f"frame features of {len(clips)} tracks: {gigabytes(need)} to write to {path} ({gigabytes(free)} free)")
@@ -153,7 +155,7 @@ def check_disk(path, clips, ext, stride, row_bytes, log, num_states=1):
         smaller = (f"--layers K stores one hidden state ({gigabytes(need // num_states)}; float16 already)"
                    if num_states > 1 else "this is one hidden state, float16 already")
         raise StoreError(f"{path}: the frame features of {len(clips)} tracks need {gigabytes(need)} "
-                         f"({row_bytes} bytes a frame, 50 frames a second), only {gigabytes(free)} is free; "
+                         f"({row_bytes} bytes a frame, {ext.sample_rate / stride:g} frames a second), only {gigabytes(free)} is free; "
                          f"{smaller}, or give --cache-dir on a larger disk")
 
 
@@ -171,7 +173,9 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
     once all are on disk. workers: decoding processes (0: threads)."""
     field, stride = receptive_field(encoder.cfg.conv_layers)
     states = stored_states(ext, encoder)
-    budget = batch_seconds * SAMPLE_RATE
+    if ext.sample_rate != encoder.cfg.sample_rate:
+        raise ValueError(f"frame extraction at {ext.sample_rate} Hz for a model of {encoder.cfg.sample_rate} Hz")
+    budget = batch_seconds * ext.sample_rate
     rank, world = ranks()
 
     def work(store, units, stored, todo, failed):
@@ -467,7 +471,7 @@ def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
     num_states = encoder.cfg.layers + 1
     choices, lrs = runs.head_grid(task, args, num_states)
     one = choices[0] if len(choices) == 1 and isinstance(choices[0], int) else None  # --layers K: store state K only
-    ext = dataclasses.replace(runs.task_extraction(task, args), states=None if one is None else (one,))
+    ext = dataclasses.replace(runs.task_extraction(task, args, encoder.cfg.sample_rate), states=None if one is None else (one,))
     key = json.loads(json.dumps(cache_key(tag, ext)))  # as meta.json holds it (states: a list)
     features = folder_store_name(args.data_root) if task.features == "beat" else task.features
     path = store_path(args.cache_dir, features, key)
@@ -475,7 +479,7 @@ def run(task_name, task, listing, model_spec, encoder, tag, args, log=print):
                                                  args, log)
     splits = runs.usable_splits(task_name, listing.clips, failed, log, what="tracks")
     _, stride = receptive_field(encoder.cfg.conv_layers)
-    fps = SAMPLE_RATE / stride
+    fps = ext.sample_rate / stride
     data = {split: beat_split(store, part, fps) for split, part in splits.items()}
     labels = train_labels(store.rows, data["train"], fps)
     stored = stored_states(ext, encoder)
@@ -522,7 +526,7 @@ def save_beat_head(folder, task_name, task, listing, ext, spec, tag, encoder, se
 @torch.no_grad()
 def predict_beats(encoder, heads, blob, path, device):
     """Beat times (seconds) of one audio file under a saved beat head: the whole file, window by window."""
-    ext = FrameExtraction(**{**blob["extraction"], "states": None})
+    ext = FrameExtraction(**{**blob["extraction"], "states": None, "sample_rate": encoder.cfg.sample_rate})
     field, stride = receptive_field(encoder.cfg.conv_layers)
     states = list(range(encoder.cfg.layers + 1))
     heads = heads.to(device).eval()
@@ -531,4 +535,4 @@ def predict_beats(encoder, heads, blob, path, device):
     for x, keep in frame_inputs(read_track(path, ext), ext, field, stride):
         h = frame_hidden_states(encoder, [x], [keep], states, device)[0]
         logits.append(head_logits(heads, torch.from_numpy(h).to(device))[0].float().cpu())
-    return decode_beats(torch.sigmoid(torch.cat(logits).double()).numpy(), SAMPLE_RATE / stride)
+    return decode_beats(torch.sigmoid(torch.cat(logits).double()).numpy(), ext.sample_rate / stride)

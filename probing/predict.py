@@ -72,7 +72,7 @@ def predict_main(argv):
                 print(json.dumps(out[-1]) if args.json else
                       f"{path}\t{blob['task']}\t{len(times)} beats: " + " ".join(f"{t:.2f}" for t in times))
                 continue
-            ext = Extraction(**blob["extraction"])
+            ext = Extraction(**{**blob["extraction"], "sample_rate": enc.cfg.sample_rate})
             try:
                 if ext not in windows:
                     windows[ext] = clip_windows(path, ext)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import torch
 
+from data.audio import SAMPLE_RATE
 from probing.features import FeatureStore, StoreError, ranks
 from probing.heads import ProbeHeads, validation_best
 
@@ -22,9 +23,10 @@ HEAD_FORMAT = 1
 SPLITS = ("train", "valid", "test")
 
 
-def task_extraction(task, args):
-    """The task's extraction with --window / --crop applied (either changes the cache key)."""
-    ext = task.extraction
+def task_extraction(task, args, sample_rate=SAMPLE_RATE):
+    """The task's extraction at the model's sample rate with --window / --crop applied (each changes the cache
+    key)."""
+    ext = dataclasses.replace(task.extraction, sample_rate=int(sample_rate))
     if args.window is not None:  # a task that keeps only whole windows (GiantSteps) still does with another length
         slack = ext.window - ext.min_last
         whole = slack < 0.5
