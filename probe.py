@@ -106,6 +106,9 @@ def parse_args(argv):
     p.add_argument("--window", type=float, default=None, help="window seconds (default: the task's; EMO 5)")
     p.add_argument("--crop", type=float, default=None,
                    help="use only the first CROP seconds of each clip, 0 for all (default: the task's; EMO 30)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="feed the audio as it is, not z-normalised per clip (MARBLE's protocol and MERT's "
+                        "preprocessor normalise; MERT was trained on unnormalised audio); changes the cache key")
     p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per split (quick runs)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help="clips per training step, with all their windows (MARBLE: 64)")

@@ -60,7 +60,9 @@ class Extraction:
     window: float = 30.0  # seconds per window; Music2Vec's MARBLE configs use 30 s non-overlapping windows
     min_last: float = 1.0  # a last window shorter than this (seconds) is dropped, a longer one kept as it is (MARBLE)
     crop: Optional[float] = None  # only the first `crop` seconds are used (MARBLE's EMO base config: 30)
-    normalize: str = "clip"  # "clip": z-normalise the whole clip once, then cut (MARBLE's extractor); "window": each
+    # "clip": z-normalise the whole clip once, then cut (MARBLE's extractor); "window": each window on its own
+    # (GiantSteps, VocalSet's chunks); "none": the audio as it is (--no-normalize: MERT was trained on it)
+    normalize: str = "clip"
     trim: Optional[str] = None  # "leading_silence": VocalSet's preprocess trims leading silence (sox VAD in MARBLE)
     cut: str = "16k"  # "16k": cut the 16 kHz signal; "vocalset": MARBLE's VocalSet chunking, see vocalset_chunks
     cut_rate: Optional[int] = None  # for cut="vocalset": the rate the chunks are cut at (MARBLE: 44,100)
@@ -68,8 +70,8 @@ class Extraction:
     sample_rate: int = SAMPLE_RATE  # the model's rate: clips are resampled to it (runs.task_extraction sets it)
 
     def __post_init__(self):
-        if self.normalize not in ("clip", "window"):
-            raise ValueError(f"Extraction.normalize must be 'clip' or 'window', got {self.normalize!r}")
+        if self.normalize not in ("clip", "window", "none"):
+            raise ValueError(f"Extraction.normalize must be 'clip', 'window' or 'none', got {self.normalize!r}")
         if self.trim not in (None, "leading_silence"):
             raise ValueError(f"Extraction.trim must be None or 'leading_silence', got {self.trim!r}")
         if self.cut not in ("16k", "vocalset") or (self.cut == "vocalset") != (self.cut_rate is not None):

@@ -70,7 +70,7 @@ class FrameExtraction:
     window: float = 30.0  # seconds of audio per encoder call (MARBLE decodes 30 s valid/test clips in one piece)
     min_last: float = 1.0  # a last window shorter than this joins the one before it (no frame is ever dropped)
     crop: Optional[float] = None  # only the first `crop` seconds
-    normalize: str = "clip"  # z-normalise the whole track once, as probing.features.clip_windows
+    normalize: str = "clip"  # z-normalise the whole track once, as probing.features.clip_windows; "none": as it is
     pooling: str = "frames"  # one row per frame: nothing is pooled
     states: Optional[tuple] = None  # the hidden states stored: None all, else e.g. (7,) for --layers 7
     sample_rate: int = SAMPLE_RATE  # the model's rate (frames at sample_rate / stride: 50 Hz, MERT-v1's 75 Hz)
@@ -115,7 +115,8 @@ def read_track(path, ext):
     """The track at the model's rate (its first `crop` seconds), z-normalised once, as probing.features.clip_windows reads a
     clip: block-wise resampling and in-place normalisation, so a 10-minute track is held about once."""
     rate = ext.sample_rate
-    return znorm_(read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * rate)), rate=rate))
+    wav = read_16k(path, frames=None if ext.crop is None else int(round(ext.crop * rate)), rate=rate)
+    return znorm_(wav) if ext.normalize == "clip" else wav  # "none": --no-normalize
 
 
 @torch.no_grad()

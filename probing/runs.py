@@ -27,6 +27,8 @@ def task_extraction(task, args, sample_rate=SAMPLE_RATE):
     """The task's extraction at the model's sample rate with --window / --crop applied (each changes the cache
     key)."""
     ext = dataclasses.replace(task.extraction, sample_rate=int(sample_rate))
+    if getattr(args, "no_normalize", False):
+        ext = dataclasses.replace(ext, normalize="none")
     if args.window is not None:  # a task that keeps only whole windows (GiantSteps) still does with another length
         slack = ext.window - ext.min_last
         whole = slack < 0.5
