@@ -317,3 +317,55 @@ def test_wav2vec2_at_24k_resumes_exactly_and_refuses_other_rates(corpus, tmp_pat
                                               "init_from": training.latest_checkpoint(str(full))}))
     assert "\n" not in str(e.value.code) and "trained at 24000 Hz but this run has sample_rate=16000" in str(
         e.value.code)
+
+
+def test_checkpoint_from_before_the_rate_field_resumes_at_16k(corpus, tmp_path):
+    """A checkpoint whose encoder_config has no sample_rate (written before the field) is a 16 kHz one: a 16 kHz
+    run resumes it, a 24 kHz run refuses it in one line."""
+    import training
+    hubert(corpus, tmp_path, train_tsv=corpus["tsv16"], sample_rate=16000, max_steps=2, stop_at_step=1)
+    path = training.latest_checkpoint(str(tmp_path))
+    state = training.load_checkpoint(path)
+    del state["encoder_config"]["sample_rate"]
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=r"trained at 16000 Hz but this run has sample_rate=24000"):
+        hubert(corpus, tmp_path, max_steps=2)
+    hubert(corpus, tmp_path, train_tsv=corpus["tsv16"], sample_rate=16000, max_steps=2)
+    assert final_state(tmp_path)["step"] == 2 and final_state(tmp_path)["encoder_config"]["sample_rate"] == 16000
+
+
+@pytest.mark.parametrize("name", ["pretrain_musichubert", "pretrain_music2vec", "pretrain_wav2vec2"])
+def test_every_read_is_at_the_runs_rate(corpus, tmp_path, monkeypatch, name):
+    """Each objective reads its crops (and music2vec its whole-file statistics) at 24 kHz, crops of
+    crop_seconds x 24000 samples."""
+    import data.dataset
+    reads = []
+    real = data.dataset.load_audio
+
+    def spy(path, sr=16000, start=0, frames=None, min_samples=1):
+        reads.append((sr, frames))
+        return real(path, sr, start=start, frames=frames, min_samples=min_samples)
+
+    monkeypatch.setattr(data.dataset, "load_audio", spy)
+    config = {"pretrain_musichubert": {**HUBERT, "label_dir": corpus["labels"]},
+              "pretrain_music2vec": {**MUSIC2VEC, "file_stats_tsv": str(tmp_path / "stats.tsv")},
+              "pretrain_wav2vec2": W2V}[name]
+    run_script(name, args({**config, "train_tsv": corpus["tsv"], "out_dir": tmp_path / "out", "max_steps": 1,
+                           "crop_seconds": 1.5}))
+    assert reads and {sr for sr, _ in reads} == {RATE}
+    assert 36000 in {frames for _, frames in reads}  # the crops: 1.5 s at 24 kHz
+
+
+def test_labels_crop_in_step_with_24k_audio(corpus):
+    """make_loader binds the dataset's rate into the collate: a batch's labels cover its audio at 100 Hz."""
+    from data.dataset import ClipBatchSampler, crop_labels, make_loader
+    _, entries = read_manifest(corpus["tsv"])
+    labels = load_labels(os.path.join(corpus["labels"], "train.km"), entries, 100.0, sample_rate=RATE)
+    clips = AudioClips(corpus["tsv"], crop_seconds=1.5, min_seconds=1.0, labels=labels, label_rate=100.0, seed=0,
+                       sample_rate=RATE)
+    loader = make_loader(clips, ClipBatchSampler(clips.lengths, 4, seed=0), num_workers=0)
+    batch = next(iter(loader))
+    assert batch["wav"].shape == (4, 36000) and batch["labels"].shape == (4, 150)  # 1.5 s: 36,000 samples, 150 labels
+    for row, index, offset in zip(batch["labels"], batch["index"], batch["offset"]):
+        want = crop_labels(labels[int(index)], int(offset), 36000, 100.0, RATE).astype(np.int64)
+        assert row.tolist() == want.tolist()
