@@ -5,13 +5,20 @@ dump_km_label.py) and keeps its file formats, so fairseq-made features and label
 
     python kmeans.py features --manifest data/train.tsv --out feats/mfcc                  # 100 Hz, 39-d MFCC
     python kmeans.py features --manifest data/train.tsv --out feats/l6 --model ckpt.pt --layer 6   # 50 Hz hidden
+    python kmeans.py features --manifest data/train24k.tsv --out feats/mfcc24k --sample-rate 24000  # 100 Hz again
     python kmeans.py fit feats/mfcc --k 500 --out km.pt --percent 0.1
     python kmeans.py label feats/mfcc --km km.pt --out labels/
 
 Files (fairseq's): {FEATDIR}/{split}_{rank}_{nshard}.npy (T_total x D float32, all utterances of the shard
 concatenated) + .len (frames per utterance, one per line); {LABDIR}/{split}_{rank}_{nshard}.km and {split}.km (one
 line of space-separated cluster ids per utterance, manifest order) + dict.km.txt. Ours adds {split}_{rank}_{nshard}.json
-describing the features (kind, layer, label rate) so that km.pt can record what it was fitted on.
+describing the features (kind, layer, label rate, sample rate) so that km.pt can record what it was fitted on.
+
+Sample rates: the audio is read at the manifest's rate (--sample-rate for MFCC, default 16000; a model's own rate for
+its hidden states), whose sample counts the manifest must hold (data/manifest.py --sample-rate). MFCC windows stay in
+milliseconds (25 ms window, 10 ms hop: 400 / 160 samples at 16 kHz, 600 / 240 at 24 kHz with a 1024-point FFT, as
+Kaldi's round_to_power_of_two), so MFCC labels are 100 Hz at any rate; hidden-state labels come at the encoder's frame
+rate (50 Hz at 16 kHz, 75 Hz at 24 kHz). pretrain_musichubert.py's label_rate is that rate.
 """
 import argparse
 import glob
@@ -45,10 +52,19 @@ def log(msg):
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms -> 100 Hz labels
 FFT_SIZE = 512  # round_to_power_of_two(400)
+FRAME_LENGTH_MS, FRAME_SHIFT_MS = 25.0, 10.0  # at other rates the windows stay in ms (Kaldi)
 NUM_MEL_BINS = 23
 LOW_FREQ = 20.0
 PREEMPHASIS = 0.97
 CEPSTRAL_LIFTER = 22.0
+
+
+def mfcc_frame_sizes(sample_rate=SAMPLE_RATE):
+    """(window, hop, FFT size) in samples at `sample_rate`: Kaldi's int(rate * ms / 1000) and round_to_power_of_two
+    (400, 160, 512 at 16 kHz; 600, 240, 1024 at 24 kHz)."""
+    length = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
+    return length, shift, 1 << (length - 1).bit_length()
 
 
 def mel_scale(freq):
@@ -85,24 +101,25 @@ def kaldi_lifter(num_ceps, q=CEPSTRAL_LIFTER):
     return (1.0 + 0.5 * q * torch.sin(math.pi * i / q)).float()
 
 
-def mfcc(wav, num_ceps=13):
-    """wav: B x N (or N) float at 16 kHz, values as read (fairseq does not rescale) -> B x T x num_ceps float32,
-    T = 1 + (N - 400) // 160 (snip_edges)."""
+def mfcc(wav, num_ceps=13, sample_rate=SAMPLE_RATE):
+    """wav: B x N (or N) float at sample_rate, values as read (fairseq does not rescale) -> B x T x num_ceps float32,
+    T = 1 + (N - window) // hop (snip_edges; window 25 ms, hop 10 ms: 400 / 160 samples at 16 kHz)."""
+    length, shift, fft_size = mfcc_frame_sizes(sample_rate)
     squeeze = wav.dim() == 1
     wav = wav[None] if squeeze else wav
-    if wav.shape[-1] < FRAME_LENGTH:
+    if wav.shape[-1] < length:
         out = wav.new_zeros(wav.shape[0], 0, num_ceps)
         return out[0] if squeeze else out
-    frames = wav.float().unfold(-1, FRAME_LENGTH, FRAME_SHIFT)  # B x T x 400
+    frames = wav.float().unfold(-1, length, shift)  # B x T x window
     frames = frames - frames.mean(-1, keepdim=True)  # remove_dc_offset
     # Kaldi pre-emphasis inside each frame; the first sample is emphasised against itself
     previous = torch.cat([frames[..., :1], frames[..., :-1]], -1)
     frames = frames - PREEMPHASIS * previous
-    povey = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64, device=wav.device).pow(0.85)
+    povey = torch.hann_window(length, periodic=False, dtype=torch.float64, device=wav.device).pow(0.85)
     frames = frames * povey.float()
-    spectrum = torch.fft.rfft(frames, n=FFT_SIZE)
-    power = spectrum.real.square() + spectrum.imag.square()  # B x T x 257
-    mel = power @ kaldi_mel_banks().to(wav.device)
+    spectrum = torch.fft.rfft(frames, n=fft_size)
+    power = spectrum.real.square() + spectrum.imag.square()  # B x T x (fft_size // 2 + 1)
+    mel = power @ kaldi_mel_banks(fft_size=fft_size, sample_rate=sample_rate).to(wav.device)
     log_mel = mel.clamp_min(torch.finfo(torch.float32).eps).log()  # Kaldi floors at FLT_EPSILON before the log
     ceps = log_mel @ kaldi_dct(num_ceps).to(wav.device)
     ceps = ceps * kaldi_lifter(num_ceps).to(wav.device)
@@ -121,11 +138,11 @@ def deltas(x, n=2):
     return out[0] if squeeze else out
 
 
-def mfcc_features(wav, dims=39):
+def mfcc_features(wav, dims=39, sample_rate=SAMPLE_RATE):
     """fairseq dump_mfcc_feature.py: [MFCC, Δ, ΔΔ] -> B x T x dims (39 = 13 cepstra, 60 = 20 cepstra), no CMVN."""
     if dims % 3:
         raise ValueError(f"MFCC feature dims must be 3 x num_ceps (39 or 60), got {dims}")
-    c = mfcc(wav, num_ceps=dims // 3)
+    c = mfcc(wav, num_ceps=dims // 3, sample_rate=sample_rate)
     d = deltas(c)
     return torch.cat([c, d, deltas(d)], -1)
 
@@ -157,8 +174,9 @@ def shard_name(split, rank, nshard):
 class ShardAudio(torch.utils.data.Dataset):
     """Loads one manifest entry per item in DataLoader workers; bad audio comes back as an error string."""
 
-    def __init__(self, root, entries):
-        self.root, self.entries = root, entries
+    def __init__(self, root, entries, sample_rate=SAMPLE_RATE):
+        self.root, self.entries, self.sample_rate = root, entries, sample_rate
+        self.min_samples = mfcc_frame_sizes(sample_rate)[0]
 
     def __len__(self):
         return len(self.entries)
@@ -167,7 +185,7 @@ class ShardAudio(torch.utils.data.Dataset):
         from data.audio import AudioError, load_audio
         path = os.path.join(self.root, self.entries[i][0])
         try:
-            return i, path, torch.from_numpy(load_audio(path, sr=SAMPLE_RATE, min_samples=FRAME_LENGTH)), None
+            return i, path, torch.from_numpy(load_audio(path, sr=self.sample_rate, min_samples=self.min_samples)), None
         except (AudioError, OSError, RuntimeError, ValueError) as e:
             return i, path, None, str(e) if path in str(e) else f"{path}: {e}"
 
@@ -200,12 +218,14 @@ class HiddenFeatures:
 
 
 def dump_features(manifest, out_dir, nshard=1, rank=0, mfcc_dims=39, model=None, layer=6, device=None,
-                  batch_samples=4_800_000, workers=2, skip_bad_audio=False, overwrite=False):
+                  batch_samples=4_800_000, workers=2, skip_bad_audio=False, overwrite=False, sample_rate=None):
     """Writes {out_dir}/{split}_{rank}_{nshard}.npy/.len/.json for shard `rank` of the manifest; returns the .npy path.
+    sample_rate: the manifest's (its counts are checked against a few headers); MFCC is computed at it (default
+    16000), hidden states at the model's own rate, which it must equal when given.
 
     Utterances are batched when consecutive ones have the same length (typical for fixed-length music clips), so the
     result is exactly the per-utterance one: no padding enters MFCC framing or HuBERT's GroupNorm front end."""
-    from data.manifest import read_manifest
+    from data.manifest import ManifestError, check_sample_counts, read_manifest
     from tqdm import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -217,19 +237,33 @@ def dump_features(manifest, out_dir, nshard=1, rank=0, mfcc_dims=39, model=None,
         log(f"{name}.npy exists, skipping (pass --overwrite to redo it)")
         return name + ".npy"
     os.makedirs(out_dir, exist_ok=True)
+    if model is not None:  # its rate is the one the audio must be read at
+        extract = HiddenFeatures(model, layer, device)
+        if sample_rate is not None and sample_rate != extract.encoder.cfg.sample_rate:
+            raise SystemExit(f"error: {model} runs at {extract.encoder.cfg.sample_rate} Hz but --sample-rate is "
+                             f"{sample_rate}; give the manifest and rate the model was trained at")
+        sample_rate = extract.encoder.cfg.sample_rate
+    sample_rate = sample_rate or SAMPLE_RATE
+    try:
+        check_sample_counts(manifest, root, entries, sample_rate)
+    except ManifestError as e:
+        raise SystemExit(f"error: {e}") from None
 
     if model is None:
-        extract, dim = (lambda w: mfcc_features(w, mfcc_dims)), mfcc_dims
+        extract, dim = (lambda w: mfcc_features(w, mfcc_dims, sample_rate)), mfcc_dims
         meta = {"kind": f"mfcc{mfcc_dims}", "layer": None, "model": None, "label_rate": 100}
     else:
-        extract = HiddenFeatures(model, layer, device)
         dim = extract.dim
-        meta = {"kind": "hidden", "layer": layer, "model": os.path.abspath(model), "label_rate": 50}
+        frame_rate = extract.encoder.cfg.frame_rate
+        meta = {"kind": "hidden", "layer": layer, "model": os.path.abspath(model),
+                "label_rate": int(frame_rate) if frame_rate == int(frame_rate) else frame_rate}
     meta.update(manifest=os.path.abspath(manifest), split=split, rank=rank, nshard=nshard, dim=dim,
                 first_line=start, num_utterances=stop - start)
+    if sample_rate != SAMPLE_RATE:  # 16 kHz features' .json stay as they were
+        meta["sample_rate"] = sample_rate
 
-    loader = torch.utils.data.DataLoader(ShardAudio(root, entries[start:stop]), batch_size=None, shuffle=False,
-                                         num_workers=workers, prefetch_factor=8 if workers else None)
+    loader = torch.utils.data.DataLoader(ShardAudio(root, entries[start:stop], sample_rate), batch_size=None,
+                                         shuffle=False, num_workers=workers, prefetch_factor=8 if workers else None)
     lengths, skipped, total_frames = [], [], 0
     with open(name + ".npy.tmp", "wb") as npy:
         npy.write(npy_header(0, dim))  # rewritten with the real row count below
@@ -258,7 +292,7 @@ def dump_features(manifest, out_dir, nshard=1, rank=0, mfcc_dims=39, model=None,
                 lengths.append(0)
                 continue
             expected = entries[start + i][1]
-            if abs(len(wav) - expected) > FRAME_SHIFT:  # fairseq warns at the same threshold
+            if abs(len(wav) - expected) > FRAME_SHIFT * sample_rate // SAMPLE_RATE:  # 10 ms, as fairseq warns
                 log(f"warning: {path} has {len(wav)} samples, manifest line {start + i + 2} says {expected}")
             if batch and (len(wav) != len(batch[0]) or (len(batch) + 1) * len(wav) > batch_samples
                           or len(wav) > MAX_CHUNK_SAMPLES):
@@ -677,7 +711,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("features", help="dump 100 Hz MFCC or 50 Hz encoder features of one manifest shard")
+    f = sub.add_parser("features", help="dump 100 Hz MFCC or encoder features (50 Hz at 16 kHz, 75 Hz at 24 kHz) "
+                                        "of one manifest shard")
     f.add_argument("--manifest", required=True, help="fairseq .tsv: root line, then rel_path<TAB>num_samples")
     f.add_argument("--out", required=True, help="feature directory")
     f.add_argument("--mfcc-dims", type=int, default=39, choices=(39, 60), help="13 or 20 cepstra + Δ + ΔΔ")
@@ -691,6 +726,9 @@ def main(argv=None):
     f.add_argument("--skip-bad-audio", action="store_true",
                    help="write 0 frames (an empty .km line) for unreadable files instead of stopping")
     f.add_argument("--overwrite", action="store_true", help="redo a shard whose files already exist")
+    f.add_argument("--sample-rate", type=int, default=None,
+                   help="the rate the manifest counts samples at and MFCC is computed at (default 16000; with "
+                        "--model: the model's rate, which this must equal)")
 
     t = sub.add_parser("fit", help="fit k-means on a feature directory (run under torchrun to split the work)")
     t.add_argument("feat_dir")
@@ -722,7 +760,8 @@ def main(argv=None):
 
     if args.command == "features":
         dump_features(args.manifest, args.out, args.nshard, args.rank, args.mfcc_dims, args.model, args.layer,
-                      args.device, args.batch_samples, args.workers, args.skip_bad_audio, args.overwrite)
+                      args.device, args.batch_samples, args.workers, args.skip_bad_audio, args.overwrite,
+                      args.sample_rate)
     elif args.command == "fit":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         device = args.device

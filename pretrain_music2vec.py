@@ -35,6 +35,8 @@ from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, span_mask
 # --crop_seconds=5, --max_steps; --loss_beta > 0 switches to smooth L1.
 # data
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
+sample_rate = 16000  # Hz the audio is read and the encoder run at (24000 for MERT-like models: 75 Hz frames); the
+#                      manifest counts samples at it (data/manifest.py --sample-rate) and checkpoints record it
 crop_seconds = 30.0  # Music2Vec: 30 s of context (data2vec speech: 20 s); batches are cut to their shortest clip
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
 crop_seconds_min = 0.0  # > 0: cut each micro-batch to a length drawn uniformly from [crop_seconds_min,
@@ -66,7 +68,7 @@ pos_conv_depth = 5
 feature_grad_mult = 1.0  # scales the gradient into the conv front end (data2vec: 1.0; 0 freezes it at its init)
 # objective (data2vec_audio.py, base_librispeech.yaml)
 mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
-mask_length = 10
+mask_length = 10  # in encoder frames (20 ms at 16 kHz, 13.3 ms at 24 kHz), as fairseq
 min_masks = 1
 top_k_layers = 8  # targets = mean of the teacher's top-K layers (Music2Vec ablation: 12 = all layers)
 instance_norm_target_layer = True  # data2vec speech: normalise each layer's channels over the clip's frames
@@ -376,7 +378,7 @@ def cut_to_random_length(wav, lengths, step, global_micro):
     positional convs' zero padding leaves a pattern that no content moves; varying the length is one way to keep
     the teacher's targets from becoming that pattern (see the position monitor)."""
     n = wav.shape[1]
-    low = min(n, int(round(crop_seconds_min * 16000)))
+    low = min(n, int(round(crop_seconds_min * sample_rate)))
     cut = int(torch.randint(low, n + 1, (1,), generator=training.step_generator(seed, step, global_micro, 1)))
     return wav[:, :cut], None if lengths is None else lengths.clamp(max=cut)
 
@@ -434,9 +436,10 @@ def main():
     from data.audio import AudioError
     from data.dataset import (AudioClips, ClipBatchSampler, collate_crop, collate_pad, default_stats_path,
                               make_loader, whole_file_stats)
-    from data.manifest import ManifestError, read_manifest
+    from data.manifest import ManifestError, check_sample_counts, read_manifest
     try:
         manifest = read_manifest(train_tsv)
+        check_sample_counts(train_tsv, *manifest, sample_rate)
         file_stats = errors = None
         if waveform_norm == "file":
             def all_gather(obj):
@@ -445,13 +448,14 @@ def main():
                 return out
             file_stats, errors = whole_file_stats(manifest, file_stats_tsv or default_stats_path(train_tsv),
                                                   max(1, num_workers), info.rank, info.world_size,
-                                                  all_gather if info.ddp else None, progress=master)
+                                                  all_gather if info.ddp else None, progress=master,
+                                                  sample_rate=sample_rate)
             if errors and not skip_bad_audio:
                 first = errors[min(errors)]
                 raise SystemExit(f"error: {len(errors)} file(s) of {train_tsv} cannot be decoded, e.g. {first}\n"
                                  f"set skip_bad_audio=True to leave them out, or fix the manifest")
         dataset = AudioClips(manifest, crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio, seed=seed,
-                             file_stats=file_stats, file_stats_errors=errors)
+                             file_stats=file_stats, file_stats_errors=errors, sample_rate=sample_rate)
     except (OSError, ManifestError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     sampler = ClipBatchSampler(dataset.lengths, batch_size, num_replicas=info.world_size, rank=info.rank, seed=seed,
@@ -464,10 +468,10 @@ def main():
     enc_cfg = EncoderConfig.data2vec_base(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_layers=conv_layers,
                                           pos_conv_kernel=pos_conv_kernel, pos_conv_depth=pos_conv_depth,
                                           dropout=dropout, attention_dropout=attention_dropout, layerdrop=layerdrop,
-                                          feature_grad_mult=feature_grad_mult)
+                                          feature_grad_mult=feature_grad_mult, sample_rate=sample_rate)
     torch.manual_seed(seed)  # the same initial student on every rank: each rank's teacher is a copy of it
     # the checkpoint's encoder keeps normalize_waveform=True: loaded for inference it normalises each clip itself
-    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+    init = training.init_from_checkpoint(init_from, sample_rate, dropout=dropout, attention_dropout=attention_dropout,
                                          layerdrop=layerdrop,
                                          feature_grad_mult=feature_grad_mult) if init_from else None
     if init:
@@ -490,6 +494,7 @@ def main():
     ckpt = None
     if ckpt_path:
         ckpt = training.load_checkpoint(ckpt_path)
+        training.check_sample_rate(ckpt_path, training.checkpoint_sample_rate(ckpt["encoder_config"]), sample_rate)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.final_proj.load_state_dict(ckpt["final_proj"])
         teacher.load_state_dict(ckpt["teacher"])
@@ -536,7 +541,7 @@ def main():
     saved_step = step if ckpt_path else -1
     check_from = collapse_check_start(int(warmup_frac * max_steps))
     # the position monitor groups frames by their index in the crop: room for the longest crop
-    max_frames = int(raw_model.encoder.num_frames(int(round(crop_seconds * 16000))))
+    max_frames = int(raw_model.encoder.num_frames(int(round(crop_seconds * sample_rate))))
     target_share = pred_share = float("nan")
     pos_stats = torch.zeros(2 * (2 * max_frames * (1 + enc_cfg.dim) + 1), dtype=torch.float64, device=info.device)
 
@@ -648,7 +653,7 @@ def main():
                 metrics = {"loss": interval[0].item() / max(interval[1].item(), 1.0), "target_std": target_std,
                            "pred_std": pred_std, "target_pos_share": target_share, "pred_pos_share": pred_share,
                            "ema": decay, "lr": lr, "grad_norm": float(grad_norm)}
-                metrics.update(meter.read(peak_total))
+                metrics.update(meter.read(peak_total, sample_rate))
                 metrics["skipped"] = guard.total
                 logger.log(step, metrics)
                 interval.zero_()

@@ -12,7 +12,9 @@ One node, 8 GPUs: torchrun --standalone --nproc_per_node=8 pretrain_musichubert.
 Two nodes:        torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
                       --rdzv_id=musichubert pretrain_musichubert.py ...     (the same command on both nodes)
 Iteration 2:      python pretrain_musichubert.py --iteration2_from=out/iter1/ckpt_00400000.pt --out_dir=out/iter2 ...
-                  (dumps layer-6 features of that model, fits k-means, writes 50 Hz labels, then trains)
+                  (dumps layer-6 features of that model, fits k-means, writes labels at its frame rate, then trains)
+At 24 kHz:        python pretrain_musichubert.py --sample_rate=24000 --train_tsv=data/music24k/train.tsv ...
+                  (a manifest counted at 24 kHz: data/manifest.py --sample-rate 24000; 75 Hz frames)
 A run resumes from the newest checkpoint in out_dir; SIGTERM saves one and exits.
 """
 import dataclasses
@@ -39,7 +41,10 @@ from model import Encoder, EncoderConfig, span_mask
 # data
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
 label_dir = ""  # holds {split}.km (one line per manifest line) and dict.km.txt; "" = the manifest's folder
-label_rate = 100.0  # Hz of the labels: 100 for MFCC (iteration 1), 50 for encoder features (iteration 2)
+sample_rate = 16000  # Hz the audio is read and the encoder run at (24000 for MERT-like models: 75 Hz frames); the
+#                      manifest counts samples at it (data/manifest.py --sample-rate) and checkpoints record it
+label_rate = 100.0  # Hz of the labels: 100 for MFCC at any sample_rate (10 ms hop, iteration 1), the encoder's
+#                     frame rate for its features (iteration 2: 50 at 16 kHz, 75 at 24 kHz)
 crop_seconds = 15.625  # fairseq max_sample_size 250,000 samples; batches are cut to their shortest clip
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
 batch_size = 5  # clips per micro-batch per rank (fairseq packs 1.4M samples = 87.5 s per GPU)
@@ -64,7 +69,7 @@ final_dim = 256
 logit_temp = 0.1
 pred_nomask_weight = 0.0  # fairseq: weight of the CE on the UNmasked frames (HuBERT base: 0, only masked frames count)
 mask_prob = 0.8  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
-mask_length = 10
+mask_length = 10  # in encoder frames (20 ms at 16 kHz, 13.3 ms at 24 kHz), as fairseq
 min_masks = 2
 feature_pen_weight = 10.0
 # optimisation
@@ -147,11 +152,12 @@ class MusicHubert(nn.Module):
         return logits / logit_temp, targets[frames] + NUM_SPECIAL_SYMBOLS
 
 
-def align_labels(labels, num_frames, rate):
-    """fairseq HubertModel.forward_targets: encoder frame t (50 Hz) takes label floor(t * rate * 320 / 16000), i.e.
-    every other label at 100 Hz and each label at 50 Hz; when the labels are too short for the frames, the frames
+def align_labels(labels, num_frames, rate, sample_rate=16000, stride=320):
+    """fairseq HubertModel.forward_targets: encoder frame t takes label floor(t * rate * stride / sample_rate), i.e.
+    at 16 kHz (50 Hz frames) every other label at 100 Hz and each label at 50 Hz; at 24 kHz (75 Hz frames) each
+    label at 75 Hz and label floor(4t / 3) at 100 Hz. When the labels are too short for the frames, the frames
     are trimmed to floor(len(labels) / ratio). labels: B x L (-1 = none) -> B x T' with T' <= num_frames."""
-    ratio = rate * 320 / 16000
+    ratio = rate * stride / sample_rate
     if num_frames * ratio > labels.shape[1]:
         num_frames = int(labels.shape[1] / ratio)
     index = torch.floor(torch.arange(num_frames, dtype=torch.float64) * ratio).long()
@@ -189,7 +195,8 @@ def check_label_range(labels, km_path, num_classes):
 def make_iteration2_labels(info, split):
     """HuBERT iteration 2 in one command: dump hidden states `iteration2_layer` of the iteration2_from model for
     every clip (ranks share the clips), fit k-means with iteration2_clusters on iteration2_percent of them, write
-    50 Hz labels. Everything lands in out_dir/iteration2/ and is reused when the run restarts.
+    labels at that model's frame rate (50 Hz at 16 kHz, 75 Hz at 24 kHz). Everything lands in out_dir/iteration2/
+    and is reused when the run restarts. Returns (label folder, label rate).
     Disk: 768 floats x 50 Hz = 154 kB per second of audio for the features (fairseq dumps them the same way)."""
     import kmeans
     work = os.path.join(out_dir, "iteration2")
@@ -198,7 +205,8 @@ def make_iteration2_labels(info, split):
         if info.is_master:
             print(f"iteration 2: layer {iteration2_layer} features of {iteration2_from} -> {feat_dir}")
         kmeans.dump_features(train_tsv, feat_dir, nshard=info.world_size, rank=info.rank, model=iteration2_from,
-                             layer=iteration2_layer, device=info.device, skip_bad_audio=skip_bad_audio)
+                             layer=iteration2_layer, device=info.device, skip_bad_audio=skip_bad_audio,
+                             sample_rate=sample_rate)
         if info.ddp:
             dist.barrier()
         features = kmeans.FeatureSet(feat_dir, split, iteration2_percent, seed)
@@ -212,7 +220,7 @@ def make_iteration2_labels(info, split):
             kmeans.write_labels(feat_dir, km_path, lab_dir, split, device=info.device)
         if info.ddp:
             dist.barrier()
-    return lab_dir
+    return lab_dir, sample_rate / 320  # the conv stack's stride: the iteration-1 model's frame rate
 
 
 def main():
@@ -229,29 +237,30 @@ def main():
 
     # --- labels and data: everything that can be wrong with them fails here, before the first update ---
     from data.dataset import AudioClips, ClipBatchSampler, LabelError, load_labels, make_loader
-    from data.manifest import ManifestError, read_manifest
+    from data.manifest import ManifestError, check_sample_counts, read_manifest
     from data.audio import AudioError
     split = os.path.splitext(os.path.basename(train_tsv))[0]
     if iteration2_from:
         if os.path.abspath(os.path.dirname(iteration2_from)) == os.path.abspath(out_dir):
             raise SystemExit(f"error: out_dir {out_dir} holds the iteration-1 model; give iteration 2 its own out_dir")
-        label_dir, label_rate = make_iteration2_labels(info, split), 50.0
+        label_dir, label_rate = make_iteration2_labels(info, split)
     lab_dir = label_dir or os.path.dirname(os.path.abspath(train_tsv))
     km_path = os.path.join(lab_dir, f"{split}.km")
     try:
         manifest = read_manifest(train_tsv)
+        check_sample_counts(train_tsv, *manifest, sample_rate)
         if not os.path.exists(km_path):
             raise SystemExit(f"error: label file {km_path} not found (make it with kmeans.py label; label_dir="
                              f"{label_dir!r})")
         num_classes = read_num_classes(os.path.join(lab_dir, "dict.km.txt"))
-        labels = load_labels(km_path, manifest[1], label_rate)
+        labels = load_labels(km_path, manifest[1], label_rate, sample_rate=sample_rate)
         check_label_range(labels, km_path, num_classes)
         # the label-frequency baseline: always answering the most frequent label scores acc_base (logged next to
         # acc); a masked accuracy near it is label statistics, not context
         majority = int(np.bincount(np.concatenate([lab.astype(np.int64) for lab in labels]),
                                    minlength=num_classes).argmax())
         dataset = AudioClips(manifest, crop_seconds, min_seconds, labels=labels, label_rate=label_rate,
-                             skip_bad_audio=skip_bad_audio, seed=seed)
+                             skip_bad_audio=skip_bad_audio, seed=seed, sample_rate=sample_rate)
         sampler = ClipBatchSampler(dataset.lengths, batch_size, num_replicas=info.world_size, rank=info.rank,
                                    seed=seed, group_by_length=group_by_length)
     except (OSError, ManifestError, LabelError, ValueError) as e:
@@ -263,8 +272,8 @@ def main():
     enc_cfg = EncoderConfig.hubert_base(conv_layers=conv_layers, layers=layers, dim=dim, heads=heads, ffn=ffn,
                                         dropout=dropout, attention_dropout=attention_dropout,
                                         dropout_input=dropout_input, layerdrop=layerdrop,
-                                        feature_grad_mult=feature_grad_mult)
-    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+                                        feature_grad_mult=feature_grad_mult, sample_rate=sample_rate)
+    init = training.init_from_checkpoint(init_from, sample_rate, dropout=dropout, attention_dropout=attention_dropout,
                                          dropout_input=dropout_input, layerdrop=layerdrop,
                                          feature_grad_mult=feature_grad_mult) if init_from else None
     if init:
@@ -278,6 +287,8 @@ def main():
     ckpt = None
     if ckpt_path:
         ckpt = training.load_checkpoint(ckpt_path)
+        training.check_sample_rate(ckpt_path, training.checkpoint_sample_rate(ckpt["encoder_config"]), sample_rate)
+        ckpt["encoder_config"].setdefault("sample_rate", 16000)  # checkpoints from before the field are 16 kHz
         if ckpt["encoder_config"] != dataclasses.asdict(enc_cfg) or ckpt["num_classes"] != num_classes:
             diff = {k: (v, ckpt["encoder_config"].get(k)) for k, v in dataclasses.asdict(enc_cfg).items()
                     if ckpt["encoder_config"].get(k) != v}
@@ -376,7 +387,8 @@ def main():
             for m in range(accum):
                 batch = stream.next()
                 wav = batch["wav"]
-                targets = align_labels(batch["labels"], raw_model.encoder.num_frames(wav.shape[1]), label_rate)
+                targets = align_labels(batch["labels"], raw_model.encoder.num_frames(wav.shape[1]), label_rate,
+                                       sample_rate)
                 mask = mask_for(targets.shape, step, m * info.world_size + info.rank)
                 micro.append((wav, targets, mask))
             scored = torch.tensor([float(sum(int((mk & (t >= 0)).sum()) for _, t, mk in micro))], dtype=torch.float64)
@@ -427,7 +439,7 @@ def main():
                            "grad_norm": float(grad_norm)}
                 if pred_nomask_weight > 0:  # CE per unmasked frame (the loss above holds it x the weight)
                     metrics["ce_nomask"] = interval[5].item() / max(interval[6].item(), 1.0)
-                metrics.update(meter.read(peak_total))
+                metrics.update(meter.read(peak_total, sample_rate))
                 metrics["skipped"] = guard.total
                 logger.log(step, metrics)
                 interval.zero_()

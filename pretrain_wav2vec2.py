@@ -33,6 +33,8 @@ from model import BASE_CONV_LAYERS, Encoder, EncoderConfig, GumbelQuantizer, spa
 # penalty, Adam(W) 5e-4, 32k warm-up then linear decay to 0 at 400k updates, no clipping, raw waveform).
 # data
 train_tsv = "data/music/train.tsv"  # fairseq manifest: root line, then rel_path<TAB>num_samples
+sample_rate = 16000  # Hz the audio is read and the encoder run at (24000 for MERT-like models: 75 Hz frames); the
+#                      manifest counts samples at it (data/manifest.py --sample-rate) and checkpoints record it
 crop_seconds = 15.625  # fairseq max_sample_size 250,000 samples; batches are cut to their shortest clip
 min_seconds = 2.0  # fairseq min_sample_size 32,000: shorter clips are left out (with a warning)
 batch_size = 5  # clips per micro-batch per rank (fairseq packs 1.4M samples = 87.5 s per GPU)
@@ -63,7 +65,7 @@ logit_temp = 0.1
 diversity_weight = 0.1  # x (G*V - prob perplexity) / (G*V)
 feature_pen_weight = 10.0  # x mean square of the raw conv features
 mask_prob = 0.65  # fairseq semantics: expected span starts x mask_length per frame, not the masked fraction
-mask_length = 10
+mask_length = 10  # in encoder frames (20 ms at 16 kHz, 13.3 ms at 24 kHz), as fairseq
 min_masks = 2
 # optimisation
 learning_rate = 5e-4
@@ -197,10 +199,12 @@ def main():
     # --- data: everything that can be wrong with it fails here, before the first update ---
     from data.audio import AudioError
     from data.dataset import AudioClips, ClipBatchSampler, make_loader
-    from data.manifest import ManifestError, read_manifest
+    from data.manifest import ManifestError, check_sample_counts, read_manifest
     try:
-        dataset = AudioClips(read_manifest(train_tsv), crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio,
-                             seed=seed)
+        manifest = read_manifest(train_tsv)
+        check_sample_counts(train_tsv, *manifest, sample_rate)
+        dataset = AudioClips(manifest, crop_seconds, min_seconds, skip_bad_audio=skip_bad_audio, seed=seed,
+                             sample_rate=sample_rate)
         sampler = ClipBatchSampler(dataset.lengths, batch_size, num_replicas=info.world_size, rank=info.rank,
                                    seed=seed, group_by_length=group_by_length)
     except (OSError, ManifestError, ValueError) as e:
@@ -212,8 +216,9 @@ def main():
     enc_cfg = EncoderConfig.wav2vec2_base(conv_layers=conv_layers, layers=layers, dim=dim, heads=heads, ffn=ffn,
                                           dropout=dropout, attention_dropout=attention_dropout,
                                           dropout_input=dropout_input, dropout_features=dropout_features,
-                                          layerdrop=layerdrop, feature_grad_mult=feature_grad_mult)
-    init = training.init_from_checkpoint(init_from, dropout=dropout, attention_dropout=attention_dropout,
+                                          layerdrop=layerdrop, feature_grad_mult=feature_grad_mult,
+                                          sample_rate=sample_rate)
+    init = training.init_from_checkpoint(init_from, sample_rate, dropout=dropout, attention_dropout=attention_dropout,
                                          dropout_input=dropout_input, dropout_features=dropout_features,
                                          layerdrop=layerdrop,
                                          feature_grad_mult=feature_grad_mult) if init_from else None
@@ -233,8 +238,10 @@ def main():
     ckpt = None
     if ckpt_path:
         ckpt = training.load_checkpoint(ckpt_path)
+        training.check_sample_rate(ckpt_path, training.checkpoint_sample_rate(ckpt["encoder_config"]), sample_rate)
         now = {**dataclasses.asdict(enc_cfg), **model.quantizer.config()}
-        then = {**ckpt["encoder_config"], **ckpt["quantizer_config"]}
+        # checkpoints from before EncoderConfig.sample_rate are 16 kHz
+        then = {"sample_rate": 16000, **ckpt["encoder_config"], **ckpt["quantizer_config"]}
         if now != then:
             diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
             raise SystemExit(f"error: {ckpt_path} was trained with another model (now vs checkpoint: {diff}); use a "
@@ -366,7 +373,7 @@ def main():
                            "contrastive": ce / frames, "diversity": div_n / frames, "pen": pen_n / frames,
                            "code_ppl": code_sum / micros, "prob_ppl": prob_sum / micros, "temp": temp,
                            "acc": correct_n / frames, "lr": lr, "grad_norm": float(grad_norm)}
-                metrics.update(meter.read(peak_total))
+                metrics.update(meter.read(peak_total, sample_rate))
                 metrics["skipped"] = guard.total
                 logger.log(step, metrics)
                 interval.zero_()

@@ -370,13 +370,28 @@ def load_checkpoint(path, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def init_from_checkpoint(path, **training_fields):
+def checkpoint_sample_rate(encoder_config):
+    """The sample rate an encoder_config dict of one of our checkpoints was trained at (checkpoints from before
+    EncoderConfig.sample_rate have none: they are 16 kHz)."""
+    return int(encoder_config.get("sample_rate", 16000))
+
+
+def check_sample_rate(source, rate, sample_rate):
+    """Stop in one line when a checkpoint (init_from or the one a run resumes from) was trained at another rate than
+    the script's sample_rate: its frames would sit at another frame rate than its weights learnt."""
+    if int(rate) != int(sample_rate):
+        raise SystemExit(f"error: {source} was trained at {rate} Hz but this run has sample_rate={sample_rate}; "
+                         f"pass --sample_rate={rate} (and a manifest counted at {rate} Hz) or use another checkpoint")
+
+
+def init_from_checkpoint(path, sample_rate=None, **training_fields):
     """Continued pre-training (`init_from=PATH`): (EncoderConfig, encoder state_dict, heads) of one of our
     checkpoints, a Hugging Face folder or a fairseq checkpoint (model.load_pretrained). The architecture is the
     checkpoint's; `training_fields` (the script's dropout, layerdrop, feature_grad_mult, ...) replace its training
     settings. `heads`: the objective's pre-training heads the source carries, by our scripts' names (HuBERT
     final_proj / label_embs; wav2vec 2.0 quantizer / project_q / final_proj), for the script to take where the
-    shapes match. Optimiser and schedule always start fresh."""
+    shapes match. Optimiser and schedule always start fresh. sample_rate: the script's; a checkpoint trained at
+    another rate stops the run (check_sample_rate)."""
     import dataclasses
     from model import load_fairseq_heads, load_pretrained
     import fairseq_format
@@ -395,6 +410,8 @@ def init_from_checkpoint(path, **training_fields):
                 heads = {k: ckpt[k] for k in ("final_proj", "label_embs", "quantizer", "project_q") if k in ckpt}
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: init_from={path}: {e}") from None
+    if sample_rate is not None:
+        check_sample_rate(f"init_from={path}", cfg.sample_rate, sample_rate)
     return cfg, encoder.state_dict(), heads
 
 

@@ -30,13 +30,14 @@ class LabelError(ValueError):
     """A .km label file does not match its manifest; the message names the file and the 1-based line."""
 
 
-def load_labels(km_path, manifest_entries, label_rate, tolerance_seconds=0.1):
+def load_labels(km_path, manifest_entries, label_rate, tolerance_seconds=0.1, sample_rate=SAMPLE_RATE):
     """Read a fairseq .km file (one line per manifest entry, space-separated cluster ids at `label_rate` Hz).
 
     Returns a list of int arrays (uint16 when every id < 65536) aligned with manifest_entries. Stops with a
     LabelError when the line count differs from the manifest or a line's length differs from
-    num_samples * label_rate / 16000 by more than tolerance_seconds (fairseq only warns; a misaligned label
-    file silently trains on wrong targets, so here it is an error).
+    num_samples * label_rate / sample_rate (the manifest's counts are at the model's rate) by more than
+    tolerance_seconds (fairseq only warns; a misaligned label file silently trains on wrong targets, so here it is
+    an error).
     """
     tol = tolerance_seconds * label_rate
     labels = []
@@ -53,22 +54,24 @@ def load_labels(km_path, manifest_entries, label_rate, tolerance_seconds=0.1):
             if len(ids) and ids.min() < 0:
                 raise LabelError(f"{km_path}:{lineno}: negative label {ids.min()}")
             rel, num_samples = manifest_entries[lineno - 1]
-            expected = num_samples * label_rate / SAMPLE_RATE
+            expected = num_samples * label_rate / sample_rate
             if abs(len(ids) - expected) > tol:
-                raise LabelError(f"{km_path}:{lineno}: {len(ids)} labels for {rel} but its {num_samples} samples at "
-                                 f"{label_rate} Hz need {expected:.1f} (tolerance {tolerance_seconds} s); is "
-                                 f"label_rate right and was the .km made from this manifest?")
+                raise LabelError(f"{km_path}:{lineno}: {len(ids)} labels for {rel} but its {num_samples} samples "
+                                 f"({sample_rate} Hz audio) at {label_rate} Hz need {expected:.1f} (tolerance "
+                                 f"{tolerance_seconds} s); is label_rate right and was the .km made from this "
+                                 f"manifest?")
             labels.append(ids.astype(np.uint16) if len(ids) == 0 or ids.max() < 65536 else ids)
     if len(labels) != len(manifest_entries):
         raise LabelError(f"{km_path}: {len(labels)} label lines but the manifest has {len(manifest_entries)} entries")
     return labels
 
 
-def crop_labels(labels, offset, num_samples, label_rate):
+def crop_labels(labels, offset, num_samples, label_rate, sample_rate=SAMPLE_RATE):
     """Labels covering audio samples [offset, offset + num_samples), as fairseq's HubertDataset.collater_frm_label:
-    start round(offset * rate / 16k), length round(num_samples * rate / 16k), clipped to what remains."""
-    start = int(round(offset * label_rate / SAMPLE_RATE))
-    length = int(round(num_samples * label_rate / SAMPLE_RATE))
+    start round(offset * rate / sample_rate), length round(num_samples * rate / sample_rate), clipped to what
+    remains."""
+    start = int(round(offset * label_rate / sample_rate))
+    length = int(round(num_samples * label_rate / sample_rate))
     return labels[start:start + length]
 
 
@@ -86,15 +89,16 @@ def crop_labels(labels, offset, num_samples, label_rate):
 WAVEFORM_NORM_EPS = 1e-5  # F.layer_norm's eps, which data2vec's per-utterance normalisation uses
 
 
-def file_mean_std(path, block_seconds=60.0):
-    """(mean, population std) of all of a file's samples as load_audio returns them (mono, 16 kHz), read in blocks
+def file_mean_std(path, block_seconds=60.0, sample_rate=SAMPLE_RATE):
+    """(mean, population std) of all of a file's samples as load_audio returns them (mono, at sample_rate: the
+    model's, as training reads them), read in blocks
     so that an hour-long recording never sits in memory. Blocks are merged with Chan et al.'s pairwise update in
     float64 (no sum-of-squares cancellation when the file has a DC offset)."""
-    total = audio_info(path)[0]
-    block = max(1, int(block_seconds * SAMPLE_RATE))
+    total = audio_info(path, sample_rate)[0]
+    block = max(1, int(block_seconds * sample_rate))
     n, mean, m2 = 0, 0.0, 0.0
     for start in range(0, total, block):
-        x = load_audio(path, start=start, frames=block).astype(np.float64)
+        x = load_audio(path, sample_rate, start=start, frames=block).astype(np.float64)
         nb, mb = len(x), float(x.mean())
         m2b = float(((x - mb) ** 2).sum())
         delta, n_new = mb - mean, n + nb
@@ -152,9 +156,11 @@ def read_file_stats(stats_path, root, entries):
 
 
 def _stats_job(args):
-    i, path = args
+    i, path, sample_rate = args
     try:
-        return i, file_mean_std(path), None
+        # at the default rate, the call it has always been (tests spy on file_mean_std(path))
+        stats = file_mean_std(path) if sample_rate == SAMPLE_RATE else file_mean_std(path, sample_rate=sample_rate)
+        return i, stats, None
     except AudioError as e:
         return i, None, str(e)
 
@@ -171,7 +177,8 @@ def split_by_duration(indices, num_samples, parts):
     return out
 
 
-def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_gather=None, progress=True):
+def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_gather=None, progress=True,
+                     sample_rate=SAMPLE_RATE):
     """[mean, std] of every file of `manifest` (a .tsv path or (root, entries)), N x 2 float64 aligned with its
     entries, computed once and cached in `stats_path`; NaN for files that could not be decoded, with the reasons
     in the second return value {index: reason}.
@@ -179,7 +186,8 @@ def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_
     With several ranks, pass rank, world_size and all_gather (a function taking this rank's object and returning
     the list of every rank's, e.g. torch.distributed.all_gather_object; every rank must call this function): rank
     0's view of the cache decides what is missing, each rank computes its share in `workers` processes, and rank 0
-    writes the merged file. Every rank returns the same result."""
+    writes the merged file. Every rank returns the same result. sample_rate: the rate the statistics are taken at
+    (the manifest's counts are at it too, so a cache line of another rate names another count and is recomputed)."""
     root, entries = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else manifest
     folder = os.path.dirname(os.path.abspath(stats_path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -197,8 +205,8 @@ def whole_file_stats(manifest, stats_path, workers=1, rank=0, world_size=1, all_
     if mine:
         from multiprocessing import Pool
         from tqdm import tqdm
-        jobs = [(i, os.path.join(root, entries[i][0])) for i in mine]
-        hours = lengths[mine].sum() / SAMPLE_RATE / 3600
+        jobs = [(i, os.path.join(root, entries[i][0]), sample_rate) for i in mine]
+        hours = lengths[mine].sum() / sample_rate / 3600
         bar = tqdm(total=len(jobs), unit="file", disable=not progress or rank != 0,
                    desc=f"whole-file statistics ({hours:.2f} h on rank {rank})")
         new_part = not os.path.exists(part)
@@ -256,12 +264,13 @@ class AudioClips(Dataset):
     manifest: a .tsv path or a (root, entries) pair. labels: a .km path or a list from load_labels (aligned with
     the full manifest). file_stats: None, or [mean, std] per manifest entry (whole_file_stats) to normalise every
     crop with its whole file's statistics (fairseq's data2vec; NaN rows are unreadable files). crop_seconds=None
-    returns whole clips. Call set_epoch(e) before each epoch (before the
+    returns whole clips. sample_rate: the rate audio is read at (the model's); the manifest's counts, offsets and
+    crops are in samples at it, seconds are converted with it. Call set_epoch(e) before each epoch (before the
     DataLoader starts its workers: make_loader does not keep workers alive between epochs, so they see it).
     """
 
     def __init__(self, manifest, crop_seconds, min_seconds=2.0, labels=None, label_rate=None, skip_bad_audio=False,
-                 seed=0, file_stats=None, file_stats_errors=None):
+                 seed=0, file_stats=None, file_stats_errors=None, sample_rate=SAMPLE_RATE):
         is_path = isinstance(manifest, (str, os.PathLike))
         root, entries = read_manifest(manifest) if is_path else manifest
         self.name = str(manifest) if is_path else root
@@ -272,7 +281,8 @@ class AudioClips(Dataset):
                 labels = load_labels(labels, entries, label_rate)
             elif len(labels) != len(entries):
                 raise ValueError(f"{len(labels)} label sequences for {len(entries)} manifest entries")
-        min_samples = int(round(min_seconds * SAMPLE_RATE))
+        self.sample_rate = sample_rate
+        min_samples = int(round(min_seconds * sample_rate))
         keep = [i for i, (_, n) in enumerate(entries) if n >= min_samples]
         self.num_too_short = len(entries) - len(keep)
         if self.num_too_short:
@@ -290,7 +300,7 @@ class AudioClips(Dataset):
         errors = file_stats_errors or {}
         self.file_stats_errors = {j: errors[i] for j, i in enumerate(keep) if i in errors}
         self.label_rate = label_rate
-        self.crop_samples = None if crop_seconds is None else int(round(crop_seconds * SAMPLE_RATE))
+        self.crop_samples = None if crop_seconds is None else int(round(crop_seconds * sample_rate))
         self.min_samples = min_samples
         self.skip_bad_audio = skip_bad_audio
         self.seed = seed
@@ -322,7 +332,7 @@ class AudioClips(Dataset):
             reason = self.file_stats_errors.get(index, "not computed")
             reason = reason[len(path) + 2:] if reason.startswith(path + ": ") else reason
             raise AudioError(f"{path}: no whole-file statistics ({reason})")
-        wav = load_audio(path, start=offset, frames=self.crop_samples)
+        wav = load_audio(path, self.sample_rate, start=offset, frames=self.crop_samples)
         if self.file_stats is not None:
             wav = normalize_with(wav, *self.file_stats[index])
         labels = None
@@ -331,8 +341,8 @@ class AudioClips(Dataset):
             # round((offset + s) * r) ... and rounding twice can run up to 2 labels past round(offset * r) +
             # round(len * r); with the spares its result equals fairseq's single crop exactly. The collate
             # functions cut the spares off.
-            start = int(round(offset * self.label_rate / SAMPLE_RATE))
-            length = int(round(len(wav) * self.label_rate / SAMPLE_RATE)) + 2
+            start = int(round(offset * self.label_rate / self.sample_rate))
+            length = int(round(len(wav) * self.label_rate / self.sample_rate)) + 2
             labels = torch.from_numpy(self.labels[index][start:start + length].astype(np.int64))
         return index, torch.from_numpy(wav), offset, labels
 
@@ -363,13 +373,13 @@ def _stack_labels(labels):
     return out
 
 
-def collate_crop(items, label_rate=None):
+def collate_crop(items, label_rate=None, sample_rate=SAMPLE_RATE):
     """fairseq's pre-training batching: every clip is cropped to the shortest clip of the batch, no padding.
 
     The offset inside each clip is random but a pure function of the item (its index and its own crop offset,
     which depends on seed and epoch), so results do not depend on worker scheduling. "offset" is the absolute
-    start of each row in its file. With labels, label_rate (Hz) is needed to crop them in step; make_loader
-    passes the dataset's.
+    start of each row in its file. With labels, label_rate (Hz) and the audio's sample_rate are needed to crop
+    them in step; make_loader passes the dataset's.
     -> {"wav": B x N float32, "lengths": None, "labels": B x L int64 (-1 = no label) or None, "index": B,
         "offset": B}
     """
@@ -385,7 +395,7 @@ def collate_crop(items, label_rate=None):
                 raise ValueError("collate_crop: items have labels; pass label_rate (make_loader does)")
             # The item's labels start at round(offset * r); taking them from round((offset + s) * r) equals
             # cropping the file's labels at offset + s directly, as fairseq does (no double rounding).
-            r = label_rate / SAMPLE_RATE
+            r = label_rate / sample_rate
             start = int(round((offset + s) * r)) - int(round(offset * r))
             lab = lab[start:start + int(round(size * r))]
         labels.append(lab)
@@ -394,9 +404,10 @@ def collate_crop(items, label_rate=None):
             "offset": torch.tensor(offsets, dtype=torch.int64)}
 
 
-def collate_pad(items, label_rate=None):
+def collate_pad(items, label_rate=None, sample_rate=SAMPLE_RATE):
     """Whole items, zero-padded to the longest; "lengths" holds the valid samples, labels are padded with -1.
-    With labels, label_rate (Hz) is needed to cut them to round(length * rate / 16k); make_loader passes it."""
+    With labels, label_rate (Hz) is needed to cut them to round(length * rate / sample_rate); make_loader passes
+    it and the dataset's sample_rate."""
     lengths = torch.tensor([len(it[1]) for it in items], dtype=torch.int64)
     wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
     labels = []
@@ -405,7 +416,7 @@ def collate_pad(items, label_rate=None):
         if lab is not None:
             if not label_rate:
                 raise ValueError("collate_pad: items have labels; pass label_rate (make_loader does)")
-            lab = lab[:int(round(len(w) * label_rate / SAMPLE_RATE))]
+            lab = lab[:int(round(len(w) * label_rate / sample_rate))]
         labels.append(lab)
     return {"wav": wav, "lengths": lengths, "labels": _stack_labels(labels),
             "index": torch.tensor([it[0] for it in items], dtype=torch.int64),
@@ -483,10 +494,12 @@ def _seed_worker(seed, worker_id):
 
 def make_loader(dataset, sampler, collate=collate_crop, num_workers=4, seed=0):
     """DataLoader over `sampler`'s batches. Workers are restarted every epoch (not persistent) so they see the
-    dataset's current epoch; with labels, the dataset's label_rate is bound into the collate function."""
+    dataset's current epoch; with labels, the dataset's label_rate and sample_rate are bound into the collate
+    function."""
     import functools
     if getattr(dataset, "labels", None) is not None:
-        collate = functools.partial(collate, label_rate=dataset.label_rate)
+        collate = functools.partial(collate, label_rate=dataset.label_rate,
+                                    sample_rate=getattr(dataset, "sample_rate", SAMPLE_RATE))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       worker_init_fn=functools.partial(_seed_worker, seed) if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
@@ -503,10 +516,12 @@ def main(argv=None):
     st.add_argument("manifest")
     st.add_argument("--out", default=None, help="default: next to the manifest (train.tsv -> train.stats.tsv)")
     st.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    st.add_argument("--sample-rate", type=int, default=SAMPLE_RATE,
+                    help="the rate training reads the audio at (pretrain_music2vec.py sample_rate)")
     a = p.parse_args(argv)
     out = a.out or default_stats_path(a.manifest)
     try:
-        stats, errors = whole_file_stats(a.manifest, out, workers=a.workers)
+        stats, errors = whole_file_stats(a.manifest, out, workers=a.workers, sample_rate=a.sample_rate)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{int((~np.isnan(stats[:, 0])).sum())} of {len(stats)} files -> {out}")

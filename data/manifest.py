@@ -1,10 +1,17 @@
-"""fairseq audio manifests (.tsv): line 1 = root folder, then `relative_path<TAB>num_samples` (16 kHz samples).
+"""fairseq audio manifests (.tsv): line 1 = root folder, then `relative_path<TAB>num_samples`.
 
     python data/manifest.py AUDIO_DIR --out train.tsv [--valid-percent 1] [--ext wav,flac,ogg,mp3] [--workers 8]
+                            [--sample-rate 16000]
 
 walks AUDIO_DIR, reads every header in worker processes and writes the manifest (sorted, so the same folder always
 gives the same file). With --valid-percent P a random P% of the files (fixed by --seed) goes to valid.tsv next to
 --out (or --valid-out). Files that cannot be read are listed in <out>.skipped with the reason, never dropped silently.
+
+num_samples is counted at --sample-rate (default 16000), the rate the model trains at (load_audio resamples every
+file to it): 24000 for a MERT-like model. fairseq's manifests count at the audio's own rate, which is the same thing
+for audio stored at the model's rate. The rate is not written into the file (fairseq's readers take exactly two
+columns and a bare root line); instead check_sample_counts compares a few entries with their files' headers, so a
+manifest counted at another rate (ours or fairseq's) is refused in one line before training.
 """
 import os
 import sys
@@ -16,7 +23,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from data.audio import AUDIO_EXTENSIONS, AudioError, audio_info
+from data.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_info
 
 
 class ManifestError(ValueError):
@@ -54,6 +61,28 @@ def read_manifest(tsv_path):
     return root, entries
 
 
+def check_sample_counts(name, root, entries, sample_rate, num_checked=8, tolerance=0.01):
+    """Refuse a manifest whose num_samples were counted at another rate than `sample_rate`: up to `num_checked`
+    entries spread over the manifest are compared with their files' headers (audio_info, the count load_audio
+    gives at that rate). A count more than `tolerance` (relative) away stops with a ManifestError naming the
+    manifest, the line, both counts and the rate the manifest's count implies. Files that cannot be read are passed
+    over here (loading them reports them). 16 vs 24 kHz differ by 50 %, 44.1 vs 48 kHz by 9 %."""
+    if not entries:
+        return
+    picks = sorted({round(i * (len(entries) - 1) / max(1, num_checked - 1)) for i in range(num_checked)})
+    for i in picks:
+        rel, n = entries[i]
+        try:
+            want = audio_info(os.path.join(root, rel), sample_rate)[0]
+        except AudioError:
+            continue
+        if abs(n - want) > max(1, tolerance * want):
+            implied = int(round(n / want * sample_rate))
+            raise ManifestError(f"{name}:{i + 2}: {rel} has {want} samples at {sample_rate} Hz but the manifest says "
+                                f"{n} (counted at about {implied} Hz?); remake it with python data/manifest.py "
+                                f"... --sample-rate {sample_rate}")
+
+
 def write_manifest(tsv_path, root, entries):
     bad = [p for p, _ in entries if "\t" in p or "\n" in p or "\r" in p]
     if bad:
@@ -78,11 +107,11 @@ def find_audio(audio_dir, extensions=AUDIO_EXTENSIONS):
 
 
 def _probe(args):
-    root, rel = args
+    root, rel, sample_rate = args
     if "\t" in rel or "\n" in rel or "\r" in rel:
         return rel, None, "path contains a tab or newline, which the manifest format cannot hold"
     try:
-        return rel, audio_info(os.path.join(root, rel))[0], None
+        return rel, audio_info(os.path.join(root, rel), sample_rate)[0], None
     except AudioError as e:
         path = os.path.join(root, rel)
         reason = str(e)
@@ -90,9 +119,10 @@ def _probe(args):
 
 
 def build_manifest(audio_dir, out, valid_percent=0.0, valid_out=None, extensions=AUDIO_EXTENSIONS, workers=None,
-                   seed=0, progress=True):
+                   seed=0, progress=True, sample_rate=SAMPLE_RATE):
     """Write the manifest(s) for audio_dir (a folder, or a list of folders: the root is then their deepest common
-    folder and each file appears once); returns (train_entries, valid_entries, skipped [(path, reason)])."""
+    folder and each file appears once), sample counts at `sample_rate`; returns (train_entries, valid_entries,
+    skipped [(path, reason)])."""
     from tqdm import tqdm
 
     dirs = [audio_dir] if isinstance(audio_dir, (str, os.PathLike)) else list(audio_dir)
@@ -106,7 +136,7 @@ def build_manifest(audio_dir, out, valid_percent=0.0, valid_out=None, extensions
     rels = sorted({os.path.normpath(os.path.join(os.path.relpath(d, root), r))
                    for d in real for r in find_audio(d, extensions)})
     workers = workers or min(8, os.cpu_count() or 1)
-    jobs = [(root, r) for r in rels]
+    jobs = [(root, r, sample_rate) for r in rels]
     bar = tqdm(total=len(jobs), desc="reading headers", unit="file", disable=not progress)
     results = []
     if workers > 1 and len(jobs) > 1:
@@ -151,10 +181,14 @@ def main(argv=None):
     p.add_argument("--ext", default=",".join(AUDIO_EXTENSIONS), help="comma-separated extensions")
     p.add_argument("--workers", type=int, default=None, help="header-reading processes (default min(8, cpus))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-rate", type=int, default=SAMPLE_RATE,
+                   help="count num_samples at this rate: the model's (16000; 24000 for MERT-like models)")
     a = p.parse_args(argv)
+    if a.sample_rate <= 0:
+        p.error(f"--sample-rate must be a positive number of Hz, got {a.sample_rate}")
     train, valid, skipped = build_manifest(a.audio_dir, a.out, a.valid_percent, a.valid_out, a.ext.split(","),
-                                           a.workers, a.seed)
-    hours = sum(n for _, n in train + valid) / 16000 / 3600
+                                           a.workers, a.seed, sample_rate=a.sample_rate)
+    hours = sum(n for _, n in train + valid) / a.sample_rate / 3600
     print(f"{len(train)} train + {len(valid)} valid files ({hours:.2f} h) -> {a.out}")
     if skipped:
         print(f"{len(skipped)} unreadable files skipped; list with reasons in {a.out}.skipped", file=sys.stderr)
