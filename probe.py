@@ -202,12 +202,10 @@ def main(argv=None):
                 except runs.OtherRank:  # this rank's share is in the store; rank 0 trains and reports
                     continue
                 except (Exception, SystemExit) as e:  # one line and a record; the other tasks still run
-                    if rank != 0:
-                        if not args.all and len(args.tasks) == 1:
-                            raise
-                        continue
                     if not args.all and len(args.tasks) == 1:
                         raise
+                    if rank != 0:  # rank 0 records it
+                        continue
                     reason = (str(e.code) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
                     reason = " ".join(reason.split()) or type(e).__name__
                     print(f"{task_name}  {spec}  FAILED: {reason}", flush=True)

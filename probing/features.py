@@ -424,18 +424,28 @@ def _read_windows(path, ext):
         return None, str(e)
 
 
-def prefetch(fn, items, workers):
-    """fn over items in order on a thread pool, at most 4 * workers ahead (audio decoding overlaps the encoder)."""
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque()
+def _in_order(pool, fn, items, ahead, arg=lambda item: item):
+    """(item, fn(arg(item))) in item order, at most `ahead` submitted to `pool` before the caller takes them; what is
+    still pending when the caller stops is cancelled."""
+    pending = deque()
+    try:
         for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= 4 * workers:
+            pending.append((item, pool.submit(fn, arg(item))))
+            if len(pending) >= ahead:
                 it, fut = pending.popleft()
                 yield it, fut.result()
         while pending:
             it, fut = pending.popleft()
             yield it, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
+def prefetch(fn, items, workers):
+    """fn over items in order on a thread pool, at most 4 * workers ahead (audio decoding overlaps the encoder)."""
+    with ThreadPoolExecutor(workers) as pool:
+        yield from _in_order(pool, fn, items, 4 * workers)
 
 
 def default_workers():
@@ -460,24 +470,16 @@ def decode_ahead(fn, clips, workers):
     pool = _POOLS.get(workers)
     if pool is None:
         pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-    pending = deque()
+    last = None
     try:
-        for clip in clips:
-            pending.append((clip, pool.submit(fn, clip.path)))
-            if len(pending) >= 4 * workers:
-                c, fut = pending.popleft()
-                yield c, fut.result()
-        while pending:
-            c, fut = pending.popleft()
-            yield c, fut.result()
+        for clip, result in _in_order(pool, fn, clips, 4 * workers, arg=lambda c: c.path):
+            last = clip
+            yield clip, result
     except BrokenProcessPool:
         _POOLS.pop(workers, None)
-        near = pending[0][0].path if pending else "the last clips"
-        raise StoreError(f"a decoding process died (killed for memory?) near {near}; run again with fewer "
+        near = f"after {last.path}" if last is not None else "at the first clips"
+        raise StoreError(f"a decoding process died (killed for memory?) {near}; run again with fewer "
                          "--workers: what was extracted is kept") from None
-    finally:
-        for _, fut in pending:
-            fut.cancel()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -575,6 +577,13 @@ def merge_parts(store, order=(), log=print):
         log(f"{store.path}: {len(keys)} clips copied from {len(names)} part store{'s' if len(names) > 1 else ''}")
 
 
+def unit_budget(ext, encoder, batch_seconds):
+    """Samples of audio per unit and encoder call, at the model's rate (which the extraction must be at)."""
+    if ext.sample_rate != encoder.cfg.sample_rate:
+        raise ValueError(f"extraction at {ext.sample_rate} Hz for a model of {encoder.cfg.sample_rate} Hz")
+    return batch_seconds * ext.sample_rate
+
+
 def extract_units(path, key, row_shape, clips, seconds, budget_seconds, work, log=print):
     """The store at `path` completed with every clip of `clips` that can be extracted; returns {clip key: reason}
     for the others (from every rank). Clips are planned into units (plan_units, from `seconds(todo)` durations) and
@@ -635,9 +644,7 @@ def extract(ext, clips, encoder, path, key, device, batch_seconds, log=print, wo
     in calls of up to that much audio, a long clip's windows spanning several, and committed once all its clips are
     done. workers: decoding processes (0: threads; decode_ahead)."""
     num_states, dim = encoder.cfg.layers + 1, encoder.cfg.dim
-    if ext.sample_rate != encoder.cfg.sample_rate:
-        raise ValueError(f"extraction at {ext.sample_rate} Hz for a model of {encoder.cfg.sample_rate} Hz")
-    budget = batch_seconds * ext.sample_rate
+    budget = unit_budget(ext, encoder, batch_seconds)
     rank, world = ranks()
 
     def work(store, units, stored, todo, failed):

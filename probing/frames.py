@@ -50,7 +50,8 @@ from data.audio import SAMPLE_RATE, AudioError, audio_info
 from model import receptive_field
 from probing import runs
 from probing.features import (DTYPE, Rows, StoreError, cache_key, decode_ahead, encode,
-                              extract_units, header_seconds, ranks, read_16k, rows_of, store_path, znorm_)
+                              extract_units, header_seconds, ranks, read_16k, rows_of, store_path, unit_budget,
+                              znorm_)
 from probing.heads import HIDDEN, HeadAdam, HeadSchedule, ProbeHeads, grid_results, validation_best
 
 BEAT_METRICS = ("f_70ms", "f_20ms", "track_f_70ms", "track_f_20ms")  # the first is the headline and the monitor
@@ -174,9 +175,7 @@ def extract_frames(ext, clips, encoder, path, key, device, batch_seconds, log=pr
     once all are on disk. workers: decoding processes (0: threads)."""
     field, stride = receptive_field(encoder.cfg.conv_layers)
     states = stored_states(ext, encoder)
-    if ext.sample_rate != encoder.cfg.sample_rate:
-        raise ValueError(f"frame extraction at {ext.sample_rate} Hz for a model of {encoder.cfg.sample_rate} Hz")
-    budget = batch_seconds * ext.sample_rate
+    budget = unit_budget(ext, encoder, batch_seconds)
     rank, world = ranks()
 
     def work(store, units, stored, todo, failed):
